@@ -1,0 +1,236 @@
+"""Model discovery and layer instrumentation.
+
+The optimizer never sees activations, only gradients, so it instruments the
+model's supported layers (their instances, not their classes):
+
+* each block layer's ``call`` records its input and, with the layer's own
+  activation temporarily set to linear, its pre-activation output ``s``; the
+  activation is applied afterwards, so fused activations work;
+* ``fisher="empirical"``: an identity with a custom gradient on ``s`` records
+  ``dL/ds`` during the ordinary backward pass (no extra cost);
+* ``fisher="sampled"``: the model's ``call`` runs under a persistent
+  ``tf.GradientTape``; the optimizer later back-propagates sampled-target
+  output gradients from the model output to every ``s`` (one extra backward
+  pass, only on statistics steps).
+
+Recording happens only in training-mode forward passes under a gradient tape,
+and the records belong to one train step: they are replaced at the next
+training forward pass and only used from the graph that produced them, so no
+tensor leaks into evaluate/predict or across traced functions.
+"""
+
+import collections
+import weakref
+
+import keras
+import tensorflow as tf
+from keras.src.backend.common import global_state
+from tensorflow.python.eager import record as tape_record
+
+from keras_kfac.curvature.base import LayerBatch
+from keras_kfac.layers.base import SUPPORTED_LAYER_TYPES
+
+
+def _current_graph():
+    if tf.executing_eagerly():
+        return None
+    return tf.compat.v1.get_default_graph()
+
+
+def _graph_reaches(recorded, current):
+    """True if tensors of ``recorded`` can be used in ``current`` (same graph
+    or an enclosing one, as for a ``tf.cond`` branch)."""
+    if recorded is None:
+        return current is None
+    graph = current
+    while graph is not None:
+        if graph is recorded:
+            return True
+        graph = getattr(graph, "outer_graph", None)
+    return False
+
+
+def _is_training_call():
+    ctx = global_state.get_global_attribute("current_call_ctx")
+    training = None if ctx is None else ctx.get_value("training")
+    if training is None:
+        return tape_record.could_possibly_record()
+    return bool(training) and tape_record.could_possibly_record()
+
+
+def _is_symbolic(x):
+    return any(
+        isinstance(t, keras.KerasTensor) for t in tf.nest.flatten(x)
+    )
+
+
+class StepRecord:
+    """Tensors recorded by one training forward pass, per layer (keyed by
+    ``id(layer)``), one entry per use of the layer."""
+
+    def __init__(self, tape):
+        self.graph = _current_graph()
+        self.tape = tape
+        self.outputs = None
+        self.inputs = collections.defaultdict(list)
+        self.preactivations = collections.defaultdict(list)
+        self.output_grads = collections.defaultdict(list)
+
+
+def candidate_layers(model):
+    """Every layer of ``model`` (nested ones too) of a type with a block."""
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if type(layer) in SUPPORTED_LAYER_TYPES
+    ]
+
+
+class Capture:
+    """Instruments ``model``: its ``call`` and every layer of a supported type.
+
+    Which instrumented layers become curvature blocks is decided later, when
+    the optimizer is built (layers may not be built before the first call).
+    """
+
+    def __init__(self, model, sampled):
+        self.sampled = sampled
+        self._record = None
+        self._originals = []
+        self._wrap(model, "call", self._model_call(model.call))
+        for layer in candidate_layers(model):
+            self._wrap(layer, "call", self._layer_call(layer))
+
+    def _wrap(self, obj, name, fn):
+        had_own = name in obj.__dict__
+        self._originals.append((weakref.ref(obj), name, had_own, obj.__dict__.get(name)))
+        object.__setattr__(obj, name, fn)
+
+    def remove(self):
+        """Restore every instrumented object to its original state."""
+        for ref, name, had_own, original in reversed(self._originals):
+            obj = ref()
+            if obj is None:
+                continue
+            if had_own:
+                object.__setattr__(obj, name, original)
+            else:
+                object.__delattr__(obj, name)
+        self._originals = []
+        self._record = None
+
+    def _model_call(self, original):
+        def call(*args, **kwargs):
+            if _is_symbolic(args) or not _is_training_call():
+                return original(*args, **kwargs)
+            tape = tf.GradientTape(persistent=True) if self.sampled else None
+            record = StepRecord(tape)
+            self._record = record
+            if tape is None:
+                outputs = original(*args, **kwargs)
+            else:
+                with tape:
+                    outputs = original(*args, **kwargs)
+            record.outputs = outputs
+            return outputs
+
+        call.__wrapped__ = original
+        return call
+
+    def _layer_call(self, layer):
+        original = layer.call
+        key = id(layer)
+
+        def call(inputs, *args, **kwargs):
+            record = self._record
+            if record is None or _is_symbolic(inputs) or not _is_training_call():
+                return original(inputs, *args, **kwargs)
+            activation = layer.activation
+            object.__setattr__(layer, "activation", keras.activations.linear)
+            try:
+                s = original(inputs, *args, **kwargs)
+            finally:
+                object.__setattr__(layer, "activation", activation)
+            if record.tape is None:
+                s = self._tap(record, key, s)
+            else:
+                record.tape.watch(s)
+            record.inputs[key].append(inputs)
+            record.preactivations[key].append(s)
+            return activation(s)
+
+        call.__wrapped__ = original
+        return call
+
+    @staticmethod
+    def _tap(record, key, s):
+        slot = len(record.output_grads[key])
+        record.output_grads[key].append(None)
+
+        @tf.custom_gradient
+        def identity(x):
+            def grad(dy):
+                record.output_grads[key][slot] = dy
+                return dy
+
+            return tf.identity(x), grad
+
+        return identity(s)
+
+    # --- reading a step ----------------------------------------------------
+    def current(self):
+        """This step's record, or None if no usable forward pass was seen."""
+        record = self._record
+        if record is None or not _graph_reaches(record.graph, _current_graph()):
+            return None
+        return record
+
+    def clear(self):
+        self._record = None
+
+    def batches(self, record, blocks, sampled_loss=None, seed=None, loss_scale=None):
+        """One :class:`LayerBatch` per block (None for a block the step did
+        not use).
+
+        Empirical: recorded ``dL/ds`` of the batch-mean loss, rescaled to
+        per-example gradients by ``n / loss_scale``. Sampled: a second backward
+        pass of sampled-target output gradients through the persistent tape.
+        """
+        keys = [id(block.layer) for block in blocks]
+        if sampled_loss is None:
+            batches = []
+            for block, key in zip(blocks, keys):
+                inputs = record.inputs.get(key, [])
+                grads = record.output_grads.get(key, [])
+                if not inputs or any(g is None for g in grads):
+                    batches.append(None)
+                    continue
+                n = tf.cast(tf.shape(inputs[0])[0], tf.float32)
+                scale = n if loss_scale is None else n / loss_scale
+                batches.append(LayerBatch(block, inputs, grads, scale))
+            return batches
+        outputs = tf.nest.flatten(record.outputs)
+        if len(outputs) != 1:
+            raise ValueError(
+                "fisher='sampled' supports models with one output; this model "
+                f"has {len(outputs)}. Use KFAC(fisher='empirical')."
+            )
+        output = outputs[0]
+        dy = sampled_loss.output_gradient(output, seed)
+        if loss_scale is not None:
+            dy = dy * loss_scale
+        targets = [s for key in keys for s in record.preactivations.get(key, [])]
+        grads = record.tape.gradient(
+            output, targets, output_gradients=tf.cast(dy, output.dtype)
+        )
+        scale = 1.0 if loss_scale is None else 1.0 / loss_scale
+        batches, k = [], 0
+        for block, key in zip(blocks, keys):
+            inputs = record.inputs.get(key, [])
+            uses = grads[k : k + len(inputs)]
+            k += len(inputs)
+            if not inputs or any(g is None for g in uses):
+                batches.append(None)
+            else:
+                batches.append(LayerBatch(block, inputs, uses, scale))
+        return batches

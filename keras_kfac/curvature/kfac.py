@@ -1,0 +1,74 @@
+"""K-FAC / KFC: ``F ~ kron(A, G)`` (Martens & Grosse 2015, eq. 1 and sec. 3;
+Grosse & Martens 2016 for convolutions).
+
+Damping (sec. 6.3):
+
+* ``"factored"``: ``P(V) = (A + pi*gamma I)^-1 V (G + gamma/pi I)^-1``; the two
+  damped inverses are formed by Cholesky at each refresh (cheap, and fast
+  under XLA where ``eigh`` is slow on CPU);
+* ``"eigen"``: ``P(V) = Qa [(Qa^T V Qg) / (sa sg^T + lambda)] Qg^T``, the exact
+  ``(kron(A, G) + lambda I)^-1``; eigenbases at each refresh, damping applied
+  at every step.
+"""
+
+import tensorflow as tf
+
+from keras_kfac.curvature import factors as F
+from keras_kfac.curvature.base import Curvature, factor_a, factor_g
+
+
+class KroneckerFactors(Curvature):
+    """Running averages of ``A`` and ``G``; shared by methods built on them."""
+
+    def build(self, add_variable):
+        da, dg = self.block.a_dim, self.block.g_dim
+        self.a = add_variable("A", (da, da))
+        self.g = add_variable("G", (dg, dg))
+
+    def update_statistics(self, batch, decay):
+        F.running_average(self.a, factor_a(batch.a()), decay)
+        F.running_average(self.g, factor_g(batch.g()), decay)
+
+    def matrix(self):
+        return F.kron(self.a, self.g)
+
+    def factors(self):
+        return {"A": self.a, "G": self.g}
+
+
+class KFAC(KroneckerFactors):
+    name = "kfac"
+
+    def build(self, add_variable):
+        super().build(add_variable)
+        da, dg = self.block.a_dim, self.block.g_dim
+        if self.damping_mode == "factored":
+            self.a_inverse = add_variable("A_inverse", (da, da))
+            self.g_inverse = add_variable("G_inverse", (dg, dg))
+        else:
+            self.a_evecs = add_variable("A_eigenvectors", (da, da))
+            self.a_evals = add_variable("A_eigenvalues", (da,))
+            self.g_evecs = add_variable("G_eigenvectors", (dg, dg))
+            self.g_evals = add_variable("G_eigenvalues", (dg,))
+
+    def refresh(self, damping):
+        if self.damping_mode == "factored":
+            damping_a, damping_g = F.factored_damping(self.a, self.g, damping)
+            ok_a = F.assign_if_finite(self.a_inverse, F.damped_inverse(self.a, damping_a))
+            ok_g = F.assign_if_finite(self.g_inverse, F.damped_inverse(self.g, damping_g))
+            return ok_a & ok_g
+        ok = F.all_finite(self.a) & F.all_finite(self.g)
+        for factor, evals, evecs in (
+            (self.a, self.a_evals, self.a_evecs),
+            (self.g, self.g_evals, self.g_evecs),
+        ):
+            values, vectors = F.safe_eigh(factor)
+            evals.assign(tf.where(ok, values, evals))
+            evecs.assign(tf.where(ok, vectors, evecs))
+        return ok
+
+    def precondition(self, v, damping, batch=None):
+        if self.damping_mode == "factored":
+            return self.a_inverse @ v @ self.g_inverse
+        scale = self.a_evals[:, None] * self.g_evals[None, :] + damping
+        return F.eigenbasis_solve(v, self.a_evecs, self.g_evecs, scale)

@@ -1,0 +1,26 @@
+"""Layer blocks: what statistics each supported layer type contributes.
+
+A block turns what the instrumentation recorded for one layer (its inputs and
+the gradient of the loss with respect to its pre-activation output) into the
+two per-location quantities every curvature method works with:
+
+* ``a``: homogeneous inputs ``a_bar = [a; 1]`` (patches for convolutions),
+  shape ``(n, T, a_dim)``;
+* ``g``: per-example output gradients ``d l_i / d s``, shape ``(n, T, g_dim)``,
+
+and maps the layer's variable gradients to and from the matrix ``V`` of shape
+``(a_dim, g_dim)`` on which preconditioners act (``V = [dW; db]``, row-major
+kernel order, so ``vec_row(V)`` is the parameter vector of the conventions).
+"""
+
+from keras_kfac.layers.base import LayerBlock, block_for_layer, unsupported_reason
+from keras_kfac.layers.conv2d import Conv2DBlock
+from keras_kfac.layers.dense import DenseBlock
+
+__all__ = [
+    "LayerBlock",
+    "DenseBlock",
+    "Conv2DBlock",
+    "block_for_layer",
+    "unsupported_reason",
+]

@@ -1,0 +1,102 @@
+"""The layer-block interface and the registry of supported layer types."""
+
+import tensorflow as tf
+
+
+class LayerBlock:
+    """One Dense/Conv2D layer seen as a Kronecker-factored Fisher block.
+
+    Subclasses implement ``_locations`` (inputs -> ``(n, T, d_in)`` rows of
+    the kernel's input side) and ``_output_locations`` (pre-activation
+    gradients -> ``(n, T, d_out)``).
+    """
+
+    layer_types = ()
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.name = layer.name
+        self.has_bias = layer.bias is not None
+        kernel_shape = tuple(int(d) for d in layer.kernel.shape)
+        self.kernel_shape = kernel_shape
+        self.g_dim = kernel_shape[-1]
+        in_dim = 1
+        for d in kernel_shape[:-1]:
+            in_dim *= d
+        self.a_dim = in_dim + (1 if self.has_bias else 0)
+
+    @property
+    def variables(self):
+        """The layer's variables in parameter order: kernel, then bias."""
+        if self.has_bias:
+            return [self.layer.kernel, self.layer.bias]
+        return [self.layer.kernel]
+
+    @property
+    def num_parameters(self):
+        return self.a_dim * self.g_dim
+
+    def activations(self, inputs):
+        """Homogeneous inputs ``a_bar``, float32, shape ``(n, T, a_dim)``."""
+        a = tf.cast(self._locations(inputs), tf.float32)
+        if self.has_bias:
+            ones = tf.ones_like(a[..., :1])
+            a = tf.concat([a, ones], axis=-1)
+        return a
+
+    def output_gradients(self, ds):
+        """Pre-activation gradients as float32 ``(n, T, g_dim)``."""
+        return tf.cast(self._output_locations(ds), tf.float32)
+
+    def to_matrix(self, grads):
+        """Variable gradients (kernel[, bias]) -> ``V`` of shape (a_dim, g_dim)."""
+        v = tf.reshape(tf.cast(grads[0], tf.float32), (-1, self.g_dim))
+        if self.has_bias:
+            bias = tf.reshape(tf.cast(grads[1], tf.float32), (1, self.g_dim))
+            v = tf.concat([v, bias], axis=0)
+        return v
+
+    def from_matrix(self, v):
+        """Inverse of :meth:`to_matrix`."""
+        kernel = tf.reshape(v[: self.a_dim - int(self.has_bias)], self.kernel_shape)
+        if self.has_bias:
+            return [kernel, v[-1]]
+        return [kernel]
+
+    def _locations(self, inputs):
+        raise NotImplementedError
+
+    def _output_locations(self, ds):
+        raise NotImplementedError
+
+
+_BLOCK_TYPES = []
+#: Exact layer classes that have a block (subclasses may change the forward).
+SUPPORTED_LAYER_TYPES = set()
+
+
+def register_block(cls):
+    _BLOCK_TYPES.append(cls)
+    SUPPORTED_LAYER_TYPES.update(cls.layer_types)
+    return cls
+
+
+def unsupported_reason(layer):
+    """Why ``layer`` gets no curvature block (None when it gets one)."""
+    for cls in _BLOCK_TYPES:
+        if type(layer) in cls.layer_types:
+            return cls.unsupported_reason(layer)
+        if isinstance(layer, cls.layer_types):
+            return (
+                f"subclass {type(layer).__name__} of "
+                f"{cls.layer_types[0].__name__} may change the forward pass"
+            )
+    return "layer type has no curvature block"
+
+
+def block_for_layer(layer):
+    """The block for ``layer``, or None if its variables take the fallback."""
+    for cls in _BLOCK_TYPES:
+        if type(layer) in cls.layer_types and cls.unsupported_reason(layer) is None:
+            return cls(layer)
+    return None
