@@ -1,0 +1,32 @@
+"""Smoke test: examples/mnist_autoencoder.py --quick runs K-FAC and Adam end to end."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_MNIST = os.path.join(REPO, os.pardir, "shared", "datasets", "mnist")
+
+
+def test_mnist_autoencoder_quick(tmp_path_factory):
+    if not os.path.isdir(SHARED_MNIST):
+        pytest.skip(f"raw MNIST files not found: {os.path.abspath(SHARED_MNIST)} is absent")
+    # Same TFDS data_dir as tests/test_datasets.py: MNIST is prepared once per session.
+    data_dir = tmp_path_factory.getbasetemp() / "keras_kfac_tfds"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "examples", "mnist_autoencoder.py"),
+         "--quick", "--verbose", "2", "--data-dir", str(data_dir)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "Summary: MNIST autoencoder" in proc.stdout, out[-4000:]
+    for name in ("kfac", "adam"):
+        row = re.search(rf"^{name}\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$",
+                        proc.stdout, re.M)
+        assert row, f"no summary row for {name}:\n{proc.stdout[-2000:]}"
+        assert int(row.group(1)) == 2  # 512 images, batch 256, 1 epoch
