@@ -20,6 +20,8 @@ tensor leaks into evaluate/predict or across traced functions.
 """
 
 import collections
+import contextlib
+import inspect
 import weakref
 
 import keras
@@ -75,6 +77,10 @@ class StepRecord:
         self.inputs = collections.defaultdict(list)
         self.preactivations = collections.defaultdict(list)
         self.output_grads = collections.defaultdict(list)
+        #: ``(x, y, sample_weight)`` seen by ``model.compute_loss`` in this
+        #: step (None in loops that do not call it); used by the quadratic
+        #: model of :mod:`keras_kfac.quadratic` to re-evaluate the batch loss.
+        self.loss_args = None
 
 
 def candidate_layers(model):
@@ -97,7 +103,10 @@ class Capture:
         self.sampled = sampled
         self._record = None
         self._originals = []
+        self._paused = False
         self._wrap(model, "call", self._model_call(model.call))
+        if callable(getattr(model, "compute_loss", None)):
+            self._wrap(model, "compute_loss", self._loss_call(model.compute_loss))
         for layer in candidate_layers(model):
             self._wrap(layer, "call", self._layer_call(layer))
 
@@ -119,9 +128,44 @@ class Capture:
         self._originals = []
         self._record = None
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Run forward passes without recording (extra passes of the
+        optimizer itself, e.g. the quadratic model's Jacobian products)."""
+        previous = self._paused
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = previous
+
+    def _loss_call(self, original):
+        signature = inspect.signature(original)
+
+        def compute_loss(*args, **kwargs):
+            record = self._record
+            if (
+                record is not None
+                and not self._paused
+                and _graph_reaches(record.graph, _current_graph())
+            ):
+                try:
+                    bound = signature.bind(*args, **kwargs).arguments
+                except TypeError:
+                    bound = {}
+                record.loss_args = (
+                    bound.get("x"),
+                    bound.get("y"),
+                    bound.get("sample_weight"),
+                )
+            return original(*args, **kwargs)
+
+        compute_loss.__wrapped__ = original
+        return compute_loss
+
     def _model_call(self, original):
         def call(*args, **kwargs):
-            if _is_symbolic(args) or not _is_training_call():
+            if self._paused or _is_symbolic(args) or not _is_training_call():
                 return original(*args, **kwargs)
             tape = tf.GradientTape(persistent=True) if self.sampled else None
             record = StepRecord(tape)
@@ -143,7 +187,7 @@ class Capture:
 
         def call(inputs, *args, **kwargs):
             record = self._record
-            if record is None or _is_symbolic(inputs) or not _is_training_call():
+            if record is None or self._paused or _is_symbolic(inputs) or not _is_training_call():
                 return original(inputs, *args, **kwargs)
             activation = layer.activation
             object.__setattr__(layer, "activation", keras.activations.linear)
