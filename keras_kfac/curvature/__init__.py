@@ -3,7 +3,16 @@
 module and registering its class here; the optimizer never changes."""
 
 from keras_kfac.curvature.base import Curvature, LayerBatch
+from keras_kfac.curvature.auto import Auto
+from keras_kfac.curvature.cgfac import CGFAC
+from keras_kfac.curvature.deflation import Deflation
+from keras_kfac.curvature.diagonal import Diagonal
+from keras_kfac.curvature.ekfac import EKFAC
 from keras_kfac.curvature.kfac import KFAC
+from keras_kfac.curvature.kfac_corrected import KFACCorrected
+from keras_kfac.curvature.kpsvd import KPSVD
+from keras_kfac.curvature.lanczos import Lanczos
+from keras_kfac.curvature.tengrad import TENGraD
 
 _METHODS = {}
 
@@ -27,6 +36,7 @@ def get(name):
     return _METHODS[name]
 
 
-register(KFAC)
+for _cls in (KFAC, EKFAC, KPSVD, Deflation, KFACCorrected, Lanczos, TENGraD, CGFAC, Diagonal, Auto):
+    register(_cls)
 
 __all__ = ["Curvature", "LayerBatch", "available", "get", "register"]

@@ -85,3 +85,326 @@ def eigenbasis_solve(v, qa, qg, scale):
     diagonal (``scale``, shape ``(a_dim, g_dim)``) in the Kronecker eigenbasis
     ``kron(Qa, Qg)`` (K-FAC eigen damping, EKFAC)."""
     return qa @ ((tf.transpose(qa) @ v @ qg) / scale) @ tf.transpose(qg)
+
+
+# --- per-example gradients, matrix-free -------------------------------------
+# ``a``: (n, T, a_dim) homogeneous inputs, ``g``: (n, T, g_dim) per-example
+# output gradients; U_i = sum_t a_{i,t} g_{i,t}^T (Dense: T = 1). The exact
+# block is F = (1/n) sum_i vec(U_i) vec(U_i)^T.
+
+
+def _single_location(a):
+    """True when the location axis is statically 1 (Dense): U_i = a_i g_i^T
+    is then never formed."""
+    return a.shape[1] == 1
+
+
+def gradient_second_moment(a, g):
+    """``E[U o U] = (1/n) sum_i U_i o U_i`` (Hadamard square), shape
+    (a_dim, g_dim): the diagonal of F. Dense: ``(1/n) (a o a)^T (g o g)``;
+    conv: from the per-example gradients summed over locations. With ``a``,
+    ``g`` projected on eigenbases this is EKFAC's scaling (George et al.
+    2018, eq. 10)."""
+    n = tf.cast(tf.shape(a)[0], a.dtype)
+    if _single_location(a):
+        return tf.matmul(tf.square(a[:, 0]), tf.square(g[:, 0]), transpose_a=True) / n
+    u = tf.einsum("nta,ntg->nag", a, g)
+    return tf.reduce_mean(tf.square(u), axis=0)
+
+
+def gradient_inner(a, g, v):
+    """``(U vec(V))_i = <U_i, V> = sum_t a_{i,t}^T V g_{i,t}``, shape (n,)."""
+    return tf.einsum("nta,ag,ntg->n", a, v, g)
+
+
+def gradient_combination(a, g, c):
+    """``U^T c = sum_i c_i U_i = A_bar^T diag(c) G``, shape (a_dim, g_dim)."""
+    return tf.einsum("n,nta,ntg->ag", c, a, g)
+
+
+def gradient_gram(a, g):
+    """``U U^T``, the (n, n) Gram matrix of per-example gradients.
+
+    Dense (Soori et al. 2021, eq. 11): ``(A_bar A_bar^T) o (G G^T)``, cost
+    ``n^2 (a_dim + g_dim)``. Conv: ``<U_i, U_j> = sum_{t,s} (a_it . a_js)
+    (g_it . g_js)``; the location Grams cost ``n^2 T^2 (a_dim + g_dim)``,
+    forming U costs ``n a_dim g_dim (n + 1)``; the cheaper one is chosen from
+    the static shapes (location Grams when ``T^2 (a_dim + g_dim) < a_dim
+    g_dim`` or when T is unknown).
+    """
+    if _single_location(a):
+        a2, g2 = a[:, 0], g[:, 0]
+        return tf.matmul(a2, a2, transpose_b=True) * tf.matmul(g2, g2, transpose_b=True)
+    t, da, dg = a.shape[1], a.shape[2], g.shape[2]
+    if t is None or t * t * (da + dg) < da * dg:
+        ka = tf.einsum("ita,jsa->ijts", a, a)
+        kg = tf.einsum("itg,jsg->ijts", g, g)
+        return tf.reduce_sum(ka * kg, axis=(2, 3))
+    u = tf.reshape(tf.einsum("nta,ntg->nag", a, g), (tf.shape(a)[0], da * dg))
+    return tf.matmul(u, u, transpose_b=True)
+
+
+def woodbury_solve(a, g, v, damping):
+    """Exact ``(F + lambda I)^-1 vec(V)`` for the batch's block F by the
+    Woodbury identity (Soori et al. 2021, eq. 9):
+    ``(1/lambda) (v - U^T (n lambda I + U U^T)^-1 U v)``; an (n, n) solve."""
+    n = tf.shape(a)[0]
+    nf = tf.cast(n, v.dtype)
+    gram = symmetrize(gradient_gram(a, g)) + nf * damping * tf.eye(n, dtype=v.dtype)
+    rhs = gradient_inner(a, g, v)[:, None]
+    c = tf.linalg.cholesky_solve(tf.linalg.cholesky(gram), rhs)[:, 0]
+    return (v - gradient_combination(a, g, c)) / damping
+
+
+def kronecker_matvec(a, g, v):
+    """``kron(A, G) vec(V) = A V G`` with ``A = (1/n) A_bar^T A_bar``,
+    ``G = (1/(nT)) G_mat^T G_mat`` never formed (Chen 2021, sec. 3): four
+    products of cost ``nT a_dim g_dim``."""
+    n = tf.cast(tf.shape(a)[0], v.dtype)
+    t = tf.cast(tf.shape(a)[1], v.dtype)
+    a2 = tf.reshape(a, (-1, a.shape[-1]))
+    g2 = tf.reshape(g, (-1, g.shape[-1]))
+    av = tf.matmul(a2, tf.matmul(a2, v), transpose_a=True) / n
+    return tf.matmul(tf.matmul(av, g2, transpose_b=True), g2) / (n * t)
+
+
+def conjugate_gradient(matvec, b, x0, tol, max_iters):
+    """Solve ``M x = b`` (M symmetric positive definite, given by ``matvec``)
+    from ``x0``, stopping when ``||r|| <= tol ||b||`` or after ``max_iters``
+    iterations (Hestenes & Stiefel 1952). Returns ``(x, iterations)``."""
+    r = b - matvec(x0)
+    bound = tol * tf.norm(b)
+
+    def cond(i, x, r, p, rr):
+        return (i < max_iters) & (tf.sqrt(rr) > bound)
+
+    def body(i, x, r, p, rr):
+        mp = matvec(p)
+        alpha = tf.math.divide_no_nan(rr, tf.reduce_sum(p * mp))
+        x = x + alpha * p
+        r = r - alpha * mp
+        rr_new = tf.reduce_sum(r * r)
+        p = r + tf.math.divide_no_nan(rr_new, rr) * p
+        return i + 1, x, r, p, rr_new
+
+    i, x, _, _, _ = tf.while_loop(
+        cond, body, (tf.constant(0), x0, r, r, tf.reduce_sum(r * r))
+    )
+    return x, i
+
+
+# --- the rearranged block (Van Loan & Pitsianis 1993) --------------------------
+
+
+class RearrangedFisher:
+    """The rearrangement R(F) of the block, as an operator, plus low-rank terms.
+
+    R maps ``F = sum kron(A_k, G_k)`` to ``sum vec(A_k) vec(G_k)^T``, so
+    ``||F - kron(A, G)||_F = ||R(F) - vec(A) vec(G)^T||_F`` and the best
+    Kronecker pairs are the top singular pairs of R(F) (Van Loan & Pitsianis
+    1993; Koroko et al. 2022, sec. 3). For ``F = (1/n) sum_i vec(U_i)
+    vec(U_i)^T`` (Koroko et al. 2022, eqs. 9-10)::
+
+        R(F) vec(X)   = (1/n) sum_i U_i X U_i^T    (Dense: (g_i^T X g_i) a_i a_i^T)
+        R(F)^T vec(Y) = (1/n) sum_i U_i^T Y U_i    (Dense: (a_i^T Y a_i) g_i g_i^T)
+
+    The operator here is ``weight * R(F_batch) + sum_k c_k vec(L_k) vec(R_k)^T``:
+    ``weight = 1 - decay`` and the terms ``decay * (previous pairs)`` make it
+    the rearrangement of the running average ``decay F_old + (1 - decay)
+    F_batch`` with ``F_old`` replaced by its previous Kronecker-sum estimate;
+    negative terms deflate (deflation, KFAC-corrected's residual).
+    """
+
+    def __init__(self, a, g, weight=1.0, terms=()):
+        self.n = tf.cast(tf.shape(a)[0], tf.float32)
+        self.weight = weight
+        self.terms = list(terms)
+        if _single_location(a):
+            self.a, self.g, self.u = a[:, 0], g[:, 0], None
+        else:
+            self.a, self.g = None, None
+            self.u = tf.einsum("nta,ntg->nag", a, g)
+
+    def with_terms(self, terms):
+        """The same operator with extra low-rank terms ``(c, L, R)``."""
+        op = object.__new__(RearrangedFisher)
+        op.__dict__.update(self.__dict__)
+        op.terms = self.terms + list(terms)
+        return op
+
+    def matvec(self, x):
+        """``R vec(X)`` as an (a_dim, a_dim) matrix, for X of (g_dim, g_dim)."""
+        if self.u is None:
+            q = tf.einsum("ng,gh,nh->n", self.g, x, self.g)
+            y = tf.einsum("n,na,nb->ab", q, self.a, self.a) / self.n
+        else:
+            y = tf.einsum("nag,gh,nbh->ab", self.u, x, self.u) / self.n
+        y = self.weight * y
+        for c, left, right in self.terms:
+            y = y + c * tf.reduce_sum(right * x) * left
+        return y
+
+    def rmatvec(self, y):
+        """``R^T vec(Y)`` as a (g_dim, g_dim) matrix, for Y of (a_dim, a_dim)."""
+        if self.u is None:
+            q = tf.einsum("na,ab,nb->n", self.a, y, self.a)
+            x = tf.einsum("n,ng,nh->gh", q, self.g, self.g) / self.n
+        else:
+            x = tf.einsum("nag,ab,nbh->gh", self.u, y, self.u) / self.n
+        x = self.weight * x
+        for c, left, right in self.terms:
+            x = x + c * tf.reduce_sum(left * y) * right
+        return x
+
+
+def _unit(x):
+    return tf.math.divide_no_nan(x, tf.norm(x))
+
+
+def start_matrix(previous, dim, seed=0):
+    """A start for the right singular vector: ``previous`` (warm start) when
+    nonzero, else the identity plus a fixed symmetric perturbation (so the
+    start is not orthogonal to the top pair, which is PSD, nor, generically,
+    to any other)."""
+    noise = tf.random.stateless_normal((dim, dim), seed=(seed, 7), dtype=tf.float32)
+    cold = tf.eye(dim) + 0.1 * symmetrize(noise)
+    warm = tf.norm(previous) > 0.0
+    return _unit(tf.where(warm, previous, cold))
+
+
+def top_singular_pair(op, x0, tol, max_iters):
+    """Power iteration on ``R^T R`` for the top singular triple of ``op``
+    (Koroko et al. 2022, Alg. 1), from ``x0``; stops when the singular value
+    changes by less than ``tol`` (relative) or after ``max_iters`` iterations.
+    Returns ``(sigma, Y, X)``, ``||Y|| = ||X|| = 1``, ``R vec(X) = sigma vec(Y)``."""
+
+    def cond(i, x, sigma, change):
+        return (i < max_iters) & (change > tol)
+
+    def body(i, x, sigma, change):
+        y = _unit(op.matvec(x))
+        x_new = op.rmatvec(y)
+        sigma_new = tf.norm(x_new)
+        change = tf.math.divide_no_nan(tf.abs(sigma_new - sigma), sigma_new)
+        return i + 1, _unit(x_new), sigma_new, change
+
+    _, x, _, _ = tf.while_loop(
+        cond, body, (tf.constant(0), _unit(x0), tf.constant(0.0), tf.constant(1.0))
+    )
+    y = op.matvec(x)
+    sigma = tf.norm(y)
+    return sigma, _unit(y), x
+
+
+def kronecker_pair(sigma, y, x):
+    """Split ``sigma vec(Y) vec(X)^T`` into ``kron(A, G)`` with ``||A|| =
+    ||G|| = sqrt(sigma)``, signed so that ``tr A >= 0`` (for a PSD block the
+    top pair is then PSD)."""
+    sign = tf.where(tf.linalg.trace(y) < 0.0, -1.0, 1.0)
+    root = tf.sqrt(tf.maximum(sigma, 0.0))
+    return sign * root * symmetrize(y), sign * root * symmetrize(x)
+
+
+def golub_kahan_lanczos(op, x0, steps, rank, tol, max_restarts):
+    """Top ``rank`` singular triples of ``op`` by Golub-Kahan-Lanczos
+    bidiagonalization (Golub & Kahan 1965) with full reorthogonalization and
+    explicit restarts from the sum of the Ritz right vectors (Golub & Van Loan,
+    sec. 10.4). ``steps`` (static) is the Krylov dimension per restart;
+    restarts stop when every Ritz residual ``||R^T y_k - sigma_k x_k||`` is
+    below ``tol * sigma_1`` or after ``max_restarts``. Returns lists of
+    ``sigma_k, Y_k, X_k``."""
+    shape_x = x0.shape
+    shape_y = op.matvec(tf.zeros(shape_x)).shape
+    tiny = 1e-6
+
+    def orthogonalize(w, basis):
+        for _ in range(2):  # twice is enough (Giraud et al. 2005)
+            for b in basis:
+                w = w - tf.reduce_sum(b * w) * b
+        return w
+
+    def normalized(w, scale):
+        norm = tf.norm(w)
+        keep = norm > tiny * scale
+        return tf.where(keep, w / tf.where(keep, norm, 1.0), tf.zeros_like(w)), tf.where(keep, norm, 0.0)
+
+    def bidiagonalize(x):
+        xs, ys, alphas, betas = [x], [], [], []
+        y, alpha = normalized(op.matvec(x), 1.0)
+        scale = tf.maximum(alpha, 1e-30)
+        ys.append(y)
+        alphas.append(alpha)
+        for _ in range(steps - 1):
+            w = orthogonalize(op.rmatvec(ys[-1]) - alphas[-1] * xs[-1], xs)
+            x_next, beta = normalized(w, scale)
+            w = orthogonalize(op.matvec(x_next) - beta * ys[-1], ys)
+            y_next, alpha = normalized(w, scale)
+            xs.append(x_next)
+            ys.append(y_next)
+            betas.append(beta)
+            alphas.append(alpha)
+        b = tf.linalg.diag(tf.stack(alphas))
+        if betas:
+            b = b + tf.linalg.diag(tf.stack(betas), k=1, num_rows=steps, num_cols=steps)
+        s, p, q = tf.linalg.svd(b)  # B = P diag(s) Q^T, s descending
+        xk = tf.stack(xs)
+        yk = tf.stack(ys)
+        right = [tf.tensordot(q[:, k], xk, 1) for k in range(rank)]
+        left = [tf.tensordot(p[:, k], yk, 1) for k in range(rank)]
+        return s[:rank], left, right
+
+    def residual(s, left, right):
+        r = [tf.norm(op.rmatvec(left[k]) - s[k] * right[k]) for k in range(rank)]
+        return tf.reduce_max(tf.stack(r)) / tf.maximum(s[0], 1e-30)
+
+    def cond(i, x, s, left, right, res):
+        return (i < max_restarts) & (res > tol)
+
+    def body(i, x, s, left, right, res):
+        s, left, right = bidiagonalize(x)
+        x_next = _unit(tf.add_n(right))
+        return i + 1, x_next, s, left, right, residual(s, left, right)
+
+    zeros_x = [tf.zeros(shape_x)] * rank
+    zeros_y = [tf.zeros(shape_y)] * rank
+    _, _, s, left, right, _ = tf.while_loop(
+        cond,
+        body,
+        (tf.constant(0), _unit(x0), tf.zeros((rank,)), zeros_y, zeros_x, tf.constant(1.0)),
+    )
+    return [s[k] for k in range(rank)], left, right
+
+
+# --- two Kronecker terms: simultaneous diagonalization ------------------------
+
+
+def two_term_basis(a1, g1, a2, g2, damping_a, damping_g):
+    """Simultaneous diagonalization of ``kron(A1', G1') + kron(A2, G2)`` with
+    ``A1' = A1 + damping_a I``, ``G1' = G1 + damping_g I`` (Koroko et al.
+    2022, sec. 4; Martens & Grosse 2015, app. B for the same device):
+    ``K1 = A1'^-1/2 E1``, ``E1 diag(s1) E1^T = A1'^-1/2 A2 A1'^-1/2`` (and
+    likewise K2, s2), so that ``K1^T A1' K1 = I``, ``K1^T A2 K1 = diag(s1)``.
+    The first term's spectra are clipped at 0 so A1', G1' are positive
+    definite. Returns ``K1, s1, K2, s2``."""
+
+    def side(m1, m2, damping):
+        evals, evecs = safe_eigh(m1)
+        inv_root = evecs @ tf.linalg.diag(tf.math.rsqrt(evals + damping)) @ tf.transpose(evecs)
+        s, e = tf.linalg.eigh(symmetrize(inv_root @ m2 @ inv_root))
+        return inv_root @ e, s
+
+    k1, s1 = side(a1, a2, damping_a)
+    k2, s2 = side(g1, g2, damping_g)
+    return k1, s1, k2, s2
+
+
+def two_term_scale(k1, s1, k2, s2, damping):
+    """The diagonal of ``kron(A1',G1') + kron(A2,G2)`` in the basis
+    ``kron(K1, K2)``: ``1 + s1 s2^T``, clipped from below so P is positive
+    definite. The second term may be indefinite; in any basis the exact damped
+    block satisfies ``K^T (F + lambda I) K >= lambda K^T K`` (F is PSD), so each
+    entry is floored at ``lambda ||k1_i||^2 ||k2_j||^2``, the damping's own share
+    (at most 1, since ``A1' (x) G1' >= lambda I``). Where the floor does not
+    bind, P is exactly the inverse of the damped two-term matrix."""
+    floor = damping * tf.reduce_sum(tf.square(k1), 0)[:, None] * tf.reduce_sum(tf.square(k2), 0)[None, :]
+    return tf.maximum(1.0 + s1[:, None] * s2[None, :], floor)

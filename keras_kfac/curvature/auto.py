@@ -1,0 +1,132 @@
+"""Auto: per layer, the cheapest of an exact and a Kronecker method.
+
+Rule (flop counts per step, from the layer's shapes ``a_dim``, ``g_dim``,
+locations ``T`` and the batch size ``n``):
+
+* exact block, "tengrad" (Woodbury, Soori et al. 2021):
+  ``gram(n) + n^3/3 + 4 n T a_dim g_dim`` with ``gram(n) = n^2 (a_dim + g_dim)``
+  (Dense) or ``n^2 min(T^2 (a_dim + g_dim), a_dim g_dim)`` (conv);
+* Kronecker, "kfac": statistics ``2 n T (a_dim^2 + g_dim^2)``, preconditioning
+  ``2 a_dim g_dim (a_dim + g_dim)``, inversion ``(a_dim^3 + g_dim^3)`` amortized
+  over ``inverse_every`` (option, default 20, as KFAC's).
+
+"tengrad" is chosen when its cost is at most K-FAC's: it is exact and, for a
+small batch against the layer's width, cheaper. The crossover batch size
+``n*`` is computed per layer. With ``curvature_options={"batch_size": n}`` the
+choice is made once (the summary shows ``auto:tengrad`` or ``auto:kfac``);
+without it the choice is made at every step from the actual batch size
+(``auto:tengrad<=n*``; K-FAC statistics are then kept up to date so that
+large batches can switch), and a layer with ``n* = 0`` is plain K-FAC.
+A per-layer choice is also accepted by the optimizer:
+``KFAC(curvature={"dense_1": "tengrad", "default": "kfac"})``.
+"""
+
+import tensorflow as tf
+
+from keras_kfac.curvature.base import Curvature
+from keras_kfac.curvature.kfac import KFAC
+from keras_kfac.curvature.tengrad import TENGraD
+
+#: Largest batch size the crossover search considers.
+MAX_BATCH = 1 << 16
+
+
+def _locations(block):
+    """Output locations T of a Conv2D block (1 for Dense), when static."""
+    layer = block.layer
+    if not hasattr(layer, "kernel_size"):
+        return 1
+    try:
+        shape = layer.compute_output_shape(layer.input.shape)
+    except (AttributeError, ValueError):
+        return None
+    if layer.data_format == "channels_first":
+        h, w = shape[2], shape[3]
+    else:
+        h, w = shape[1], shape[2]
+    return None if h is None or w is None else int(h) * int(w)
+
+
+def woodbury_cost(n, da, dg, t):
+    gram = n * n * ((da + dg) if t == 1 else min(t * t * (da + dg), da * dg))
+    return gram + n**3 / 3.0 + 4.0 * n * t * da * dg
+
+
+def kronecker_cost(n, da, dg, t, inverse_every):
+    return 2.0 * n * t * (da * da + dg * dg) + 2.0 * da * dg * (da + dg) + (da**3 + dg**3) / inverse_every
+
+
+def crossover(da, dg, t, inverse_every):
+    """Largest n with ``woodbury_cost <= kronecker_cost`` (0 if none)."""
+    if t is None:
+        return 0
+    lo, hi = 0, MAX_BATCH
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if woodbury_cost(mid, da, dg, t) <= kronecker_cost(mid, da, dg, t, inverse_every):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class Auto(Curvature):
+    name = "auto"
+
+    def __init__(self, block, damping_mode="factored", batch_size=None, inverse_every=20, **options):
+        super().__init__(block, damping_mode, **options)
+        t = _locations(block)
+        self.crossover = crossover(block.a_dim, block.g_dim, t, float(inverse_every))
+        self.kfac = None
+        self.tengrad = None
+        if batch_size is not None:
+            if int(batch_size) <= self.crossover:
+                self.tengrad = TENGraD(block, damping_mode, **options)
+                self.name = "auto:tengrad"
+            else:
+                self.kfac = KFAC(block, damping_mode, **options)
+                self.name = "auto:kfac"
+        elif self.crossover > 0:
+            self.tengrad = TENGraD(block, damping_mode, **options)
+            self.kfac = KFAC(block, damping_mode, **options)
+            self.name = f"auto:tengrad<={self.crossover}"
+        else:
+            self.kfac = KFAC(block, damping_mode, **options)
+            self.name = "auto:kfac"
+        self.uses_current_batch = self.tengrad is not None
+
+    @property
+    def chosen(self):
+        return self.tengrad if self.kfac is None else self.kfac
+
+    def build(self, add_variable):
+        if self.kfac is not None:
+            self.kfac.build(add_variable)
+
+    def update_statistics(self, batch, decay):
+        if self.kfac is not None:
+            self.kfac.update_statistics(batch, decay)
+
+    def refresh(self, damping):
+        if self.kfac is not None:
+            self.kfac.refresh(damping)
+
+    def precondition(self, v, damping, batch=None):
+        if self.tengrad is None:
+            return self.kfac.precondition(v, damping)
+        if self.kfac is None:
+            return self.tengrad.precondition(v, damping, batch)
+        n = tf.shape(batch.a())[0]
+        return tf.cond(
+            n <= self.crossover,
+            lambda: self.tengrad.precondition(v, damping, batch),
+            lambda: self.kfac.precondition(v, damping),
+        )
+
+    def matrix(self):
+        if self.kfac is None:
+            return self.tengrad.matrix()
+        return self.kfac.matrix()
+
+    def factors(self):
+        return {} if self.kfac is None else self.kfac.factors()

@@ -1,0 +1,163 @@
+"""How close each curvature method is to the exact Fisher block.
+
+For a model, a batch and small layers: the exact block ``F = (1/n) sum_i u_i
+u_i^T`` from per-example gradients (``GradientTape.jacobian``), each method's
+``curvature_matrix`` fitted on the same batch (statistics of that batch only),
+and the relative Frobenius error ``||F - F_hat||_F / ||F||_F``.
+
+The brute-force pieces are public so tests and diagnostics can use them:
+:func:`per_example_gradients`, :func:`exact_fisher_block`,
+:func:`layer_batch` (the layer's a_bar and g of the conventions, captured
+independently of the optimizer's instrumentation).
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_kfac import curvature as curvature_lib
+from keras_kfac.curvature.base import LayerBatch
+from keras_kfac.layers import block_for_layer
+
+#: Methods whose ``matrix()`` is the batch's approximation (tengrad, cgfac
+#: keep none: tengrad is exact, cgfac's matrix is kfac's).
+MATRIX_METHODS = ("kfac", "ekfac", "kpsvd", "deflation", "kfac_corrected", "lanczos", "diagonal")
+
+
+def per_example_loss_fn(loss):
+    """``loss`` (name, function or ``keras.losses.Loss``) as a function
+    returning the (n,) per-example losses."""
+    if isinstance(loss, keras.losses.Loss):
+        fn = getattr(loss, "fn", None)
+        kwargs = getattr(loss, "_fn_kwargs", {})
+        if fn is None:
+            raise ValueError(f"Cannot get per-example values from {loss!r}; pass a loss function.")
+        return lambda y, p: fn(y, p, **kwargs)
+    return keras.losses.get(loss)
+
+
+def _layer(model, layer):
+    return model.get_layer(layer) if isinstance(layer, str) else layer
+
+
+def per_example_gradients(model, layer, x, y, loss):
+    """``u_i = grad l_i`` w.r.t. ``concat(flatten(kernel), bias)``, shape (n, P)."""
+    layer = _layer(model, layer)
+    fn = per_example_loss_fn(loss)
+    params = [layer.kernel] + ([layer.bias] if layer.bias is not None else [])
+    with tf.GradientTape() as tape:
+        losses = tf.reshape(fn(y, model(x, training=False)), (-1,))
+    jac = tape.jacobian(losses, params)
+    n = int(losses.shape[0])
+    return tf.concat([tf.reshape(tf.cast(j, tf.float32), (n, -1)) for j in jac], axis=1)
+
+
+def exact_fisher_block(model, layer, x, y, loss):
+    """``F = (1/n) sum_i u_i u_i^T`` of ``layer``, shape (P, P)."""
+    u = per_example_gradients(model, layer, x, y, loss)
+    return tf.matmul(u, u, transpose_a=True) / tf.cast(tf.shape(u)[0], tf.float32)
+
+
+def layer_batch(model, layer, x, y, loss):
+    """The layer's :class:`LayerBatch` for ``(x, y)``: inputs recorded by
+    temporarily wrapping ``layer.call`` and ``g_i = d l_i / d s_i`` at the
+    pre-activation ``s`` (gradient of the summed per-example losses)."""
+    layer = _layer(model, layer)
+    block = block_for_layer(layer)
+    fn = per_example_loss_fn(loss)
+    inputs, pre = [], []
+    original = layer.call
+    activation = layer.activation
+
+    with tf.GradientTape() as tape:
+
+        def call(z, *args, **kwargs):
+            object.__setattr__(layer, "activation", keras.activations.linear)
+            try:
+                s = original(z, *args, **kwargs)
+            finally:
+                object.__setattr__(layer, "activation", activation)
+            tape.watch(s)
+            inputs.append(z)
+            pre.append(s)
+            return activation(s)
+
+        object.__setattr__(layer, "call", call)
+        try:
+            losses = fn(y, model(x, training=False))
+        finally:
+            object.__delattr__(layer, "call")
+        total = tf.reduce_sum(losses)
+    grads = tape.gradient(total, pre)
+    return LayerBatch(block, inputs, grads, 1.0)
+
+
+def fitted_curvature(method, model, layer, x, y, loss, damping=1e-3, **options):
+    """``method``'s curvature object for ``layer`` with statistics of this
+    batch only (``decay = 0``) and refreshed with ``damping``. Two
+    statistics/refresh rounds on the batch: EKFAC estimates its scaling in
+    the basis of the previous refresh; for the other methods the second round
+    only repeats the first (from a warm start)."""
+    layer = _layer(model, layer)
+    block = block_for_layer(layer)
+    damping_mode = options.pop("damping_mode", "factored")
+    curvature = curvature_lib.get(method)(block, damping_mode=damping_mode, **options)
+
+    def add_variable(name, shape, initializer="zeros"):
+        init = keras.initializers.get(initializer)
+        return tf.Variable(init(shape, dtype="float32"), name=name)
+
+    curvature.build(add_variable)
+    batch = layer_batch(model, layer, x, y, loss)
+    for _ in range(2):
+        curvature.update_statistics(batch, tf.constant(0.0))
+        curvature.refresh(tf.constant(float(damping)))
+    return curvature
+
+
+def relative_error(exact, approx):
+    """``||F - F_hat||_F / ||F||_F``."""
+    return float(tf.norm(exact - approx) / tf.norm(exact))
+
+
+def fidelity(model, x, y, loss, layers=None, methods=MATRIX_METHODS, max_parameters=8192, **options):
+    """Relative Frobenius error of each method's block, per layer.
+
+    Args:
+        model: a built Keras model.
+        x, y: one batch (y: the labels the Fisher uses; training labels for
+            the empirical Fisher, or labels sampled from the model).
+        loss: per-example loss (name, function or ``keras.losses.Loss``).
+        layers: layers or names (default: every Dense/Conv2D with at most
+            ``max_parameters`` parameters).
+        methods: curvature names with a dense matrix.
+        **options: curvature options (e.g. ``power_iters``).
+
+    Returns ``{layer_name: {method: error}}``.
+    """
+    if layers is None:
+        layers = [
+            l for l in model._flatten_layers(include_self=False, recursive=True)
+            if block_for_layer(l) is not None and block_for_layer(l).num_parameters <= max_parameters
+        ]
+    result = {}
+    for layer in layers:
+        layer = _layer(model, layer)
+        exact = exact_fisher_block(model, layer, x, y, loss)
+        result[layer.name] = {
+            m: relative_error(exact, fitted_curvature(m, model, layer, x, y, loss, **options).matrix())
+            for m in methods
+        }
+    return result
+
+
+def sample_labels(model, x, seed=0):
+    """Labels drawn from a softmax-output model's predictive distribution
+    (one per example), for a Monte-Carlo "true" Fisher with :func:`fidelity`."""
+    logits = model(x, training=False)
+    probs = np.asarray(logits)
+    if not np.allclose(probs.sum(-1), 1.0, atol=1e-3) or probs.min() < 0:
+        probs = tf.nn.softmax(logits).numpy()
+    rng = np.random.default_rng(seed)
+    cum = probs.cumsum(-1)
+    return (rng.random((len(probs), 1)) > cum).sum(-1).clip(0, probs.shape[-1] - 1)

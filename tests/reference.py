@@ -1,0 +1,65 @@
+"""Brute-force references for tests: exact per-example gradients
+(``GradientTape.jacobian``), exact Fisher blocks, the layer's captured a/g,
+rearrangement, dense solves. Independent of the curvature code under test.
+
+    from reference import exact_fisher_block, layer_ag, dense_solve
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from keras_kfac.fidelity import exact_fisher_block, layer_batch, per_example_gradients  # noqa: F401
+
+
+def layer_ag(model, layer, x, y, loss):
+    """``(a, g)`` of ``layer`` as numpy arrays (n, T, a_dim), (n, T, g_dim):
+    homogeneous inputs/patches and per-example pre-activation gradients."""
+    batch = layer_batch(model, layer, x, y, loss)
+    return batch.a().numpy(), batch.g().numpy()
+
+
+def kfac_factors(a, g):
+    """K-FAC/KFC ``A = (1/n) sum a a^T``, ``G = (1/(nT)) sum g g^T``."""
+    n, t = a.shape[0], a.shape[1]
+    a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+    return a2.T @ a2 / n, g2.T @ g2 / (n * t)
+
+
+def fisher_from_ag(a, g):
+    """``(1/n) sum_i vec(U_i) vec(U_i)^T``, ``U_i = sum_t a_t g_t^T``."""
+    u = np.einsum("nta,ntg->nag", a, g).reshape(a.shape[0], -1)
+    return u.T @ u / a.shape[0]
+
+
+def rearrange(f, da, dg):
+    """Van Loan-Pitsianis rearrangement: row (j, k) of R(F) is vec(F_jk),
+    F_jk the (dg, dg) block; ``R(kron(A, G)) = vec(A) vec(G)^T``."""
+    return f.reshape(da, dg, da, dg).transpose(0, 2, 1, 3).reshape(da * da, dg * dg)
+
+
+def dense_solve(matrix, v, damping=0.0):
+    """``(matrix + damping I)^-1 v`` in float64."""
+    m = np.asarray(matrix, np.float64)
+    return np.linalg.solve(m + damping * np.eye(m.shape[0]), np.asarray(v, np.float64))
+
+
+def factored_damped(a, g, damping):
+    """K-FAC factored damping, ``kron(A + pi gamma I, G + gamma/pi I)``."""
+    gamma = np.sqrt(damping)
+    pi = np.sqrt((np.trace(a) / a.shape[0]) / (np.trace(g) / g.shape[0]))
+    return np.kron(a + pi * gamma * np.eye(len(a)), g + gamma / pi * np.eye(len(g)))
+
+
+def flat_params(layer):
+    parts = [layer.kernel.numpy().ravel()]
+    if layer.bias is not None:
+        parts.append(layer.bias.numpy().ravel())
+    return np.concatenate(parts)
+
+
+def rel(x, y):
+    return float(np.linalg.norm(np.asarray(x) - np.asarray(y)) / np.linalg.norm(np.asarray(y)))
+
+
+def tf_float(x):
+    return tf.constant(np.asarray(x, np.float32))
