@@ -108,7 +108,9 @@ class SampledLoss:
 
     def output_gradient(self, y_pred, seed):
         """``sqrt(scale) * d/df sum_i l_i(y_sampled_i, f_i)``, float32."""
-        f = tf.cast(y_pred, tf.float32)
+        # identity: drop Keras's cached `_keras_logits` on softmax/sigmoid
+        # outputs, so the gradient is taken with respect to `y_pred` itself.
+        f = tf.identity(tf.cast(y_pred, tf.float32))
         sample = tf.stop_gradient(self._sample(f, seed))
         with tf.GradientTape() as tape:
             tape.watch(f)

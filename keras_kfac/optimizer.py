@@ -17,6 +17,7 @@ from keras_kfac import curvature as curvature_lib
 from keras_kfac.capture import Capture, candidate_layers
 from keras_kfac.layers import block_for_layer, unsupported_reason
 from keras_kfac.losses import SampledLoss
+from keras_kfac.monitoring import StepMonitor
 
 FISHER_TYPES = ("sampled", "empirical")
 DAMPING_MODES = ("factored", "eigen")
@@ -91,6 +92,12 @@ class KFAC(keras.optimizers.Optimizer):
             curvature block.
         curvature_options: extra keyword arguments for the curvature classes.
         seed: seed of the target sampling.
+        adaptive_step: choose the learning rate alpha and momentum mu of every
+            step by minimising the exact quadratic model (GGN on the batch)
+            over ``alpha * Delta + mu * delta_prev`` (Martens & Grosse 2015,
+            sec. 7); ``learning_rate``, ``momentum`` and ``kl_clip`` then do
+            not apply to the curvature blocks. Needs ``model.compute_loss``
+            (``model.fit`` calls it). See :mod:`keras_kfac.quadratic`.
         **kwargs: standard Keras optimizer arguments (``clipnorm``,
             ``global_clipnorm``, ``clipvalue``, ``use_ema``, ``name``, ...).
     """
@@ -113,6 +120,7 @@ class KFAC(keras.optimizers.Optimizer):
         fallback_learning_rate=1e-3,
         curvature_options=None,
         seed=None,
+        adaptive_step=False,
         name="kfac",
         **kwargs,
     ):
@@ -142,6 +150,8 @@ class KFAC(keras.optimizers.Optimizer):
         self.fallback_learning_rate = float(fallback_learning_rate)
         self.curvature_options = dict(curvature_options or {})
         self.seed = seed
+        self.adaptive_step = bool(adaptive_step)
+        self._monitor = StepMonitor(self)
         with keras.name_scope(self.name, caller=self):
             if isinstance(damping, keras.optimizers.schedules.LearningRateSchedule) or callable(damping):
                 self._damping_schedule = damping
@@ -176,7 +186,7 @@ class KFAC(keras.optimizers.Optimizer):
         you; call it (or pass ``model=``) for hand-written training loops."""
         if not isinstance(model, keras.Model):
             raise TypeError(f"KFAC.register expects a keras.Model, got {type(model).__name__}.")
-        current = None if self._model_ref is None else self._model_ref()
+        current = self._model()
         if current is model:
             return
         if self.built:
@@ -191,15 +201,16 @@ class KFAC(keras.optimizers.Optimizer):
         self._model_ref = weakref.ref(model)
         self._capture = Capture(model, sampled=self.fisher == "sampled")
 
-    @property
-    def model(self):
+    def _model(self):
+        # Not a property: Keras's saving walks an optimizer's attributes, and
+        # must not walk back into the model.
         return None if self._model_ref is None else self._model_ref()
 
     def _find_model(self):
         """The registered model, else the Keras model whose ``fit``/``compile``
         is building this optimizer (found on the call stack)."""
-        if self.model is not None:
-            return self.model
+        if self._model() is not None:
+            return self._model()
         frame = inspect.currentframe()
         for _ in range(12):
             frame = frame.f_back if frame is not None else None
@@ -252,11 +263,14 @@ class KFAC(keras.optimizers.Optimizer):
             self._sampled_loss = None
         self._momentums = {}
         self._adam_m, self._adam_v = {}, {}
+        self._previous_updates = {}
         for v in variables:
             index = self._get_variable_index(v)
             if self._var_key(v) in self._fallback_keys:
                 self._adam_m[index] = self.add_variable_from_reference(v, "adam_m")
                 self._adam_v[index] = self.add_variable_from_reference(v, "adam_v")
+            elif self.adaptive_step:
+                self._previous_updates[index] = self.add_variable_from_reference(v, "previous_update")
             elif self.momentum > 0:
                 self._momentums[index] = self.add_variable_from_reference(v, "momentum")
         if not self._blocks:
@@ -267,6 +281,7 @@ class KFAC(keras.optimizers.Optimizer):
                 f"{model.name!r}; every variable is trained by the Adam fallback.",
                 stacklevel=2,
             )
+        self._monitor.build()
 
     def _curvature_name(self, layer):
         if isinstance(self.curvature, dict):
@@ -303,6 +318,9 @@ class KFAC(keras.optimizers.Optimizer):
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
 
         def step():
+            damping = self.damping
+            record = None if self._capture is None else self._capture.current()
+            self._monitor.begin(grads, variables, record)
             directions = self._natural_directions(grads, variables, learning_rate)
             pairs = [
                 (d, v.value if isinstance(v, keras.Variable) else v)
@@ -311,6 +329,7 @@ class KFAC(keras.optimizers.Optimizer):
             tf.__internal__.distribute.interim.maybe_merge_call(
                 self._distributed_tf_update_step, self._distribution_strategy, pairs, learning_rate
             )
+            self._monitor.end(grads, variables, damping)
 
         _run_if(finite, step)
         _run_if(tf.logical_not(finite), lambda: self._skipped_steps.assign_add(1))
@@ -350,13 +369,18 @@ class KFAC(keras.optimizers.Optimizer):
         )
 
         directions = list(grads)
-        preconditioned, inner = [], []
+        preconditioned, inner, matrices = [], [], []
         for i, (block, curvature) in enumerate(zip(self._blocks, self._curvatures)):
             v = block.to_matrix([grads[position[self._var_key(w)]] for w in block.variables])
             p = curvature.precondition(v, damping, None if current is None else current[i])
             preconditioned.append(p)
+            matrices.append(v)
             inner.append(tf.reduce_sum(v * p))
+        if self.adaptive_step:
+            self._monitor.note_preconditioning(matrices, preconditioned, tf.constant(1.0))
+            return self._monitor.adaptive_directions(grads, variables, position, preconditioned, damping)
         scale = self._kl_scale(tf.add_n(inner), learning_rate)
+        self._monitor.note_preconditioning(matrices, preconditioned, scale)
         for block, p in zip(self._blocks, preconditioned):
             for w, d in zip(block.variables, block.from_matrix(scale * p)):
                 directions[position[self._var_key(w)]] = tf.cast(d, w.dtype)
@@ -381,8 +405,7 @@ class KFAC(keras.optimizers.Optimizer):
 
     def _loss_scale(self):
         """The dynamic loss scale when a LossScaleOptimizer wraps this one."""
-        model = self.model
-        wrapper = getattr(model, "optimizer", None)
+        wrapper = getattr(self._model(), "optimizer", None)
         if isinstance(wrapper, LossScaleOptimizer) and _unwrap(wrapper) is self:
             return tf.cast(wrapper.dynamic_scale, tf.float32)
         return None
@@ -403,6 +426,10 @@ class KFAC(keras.optimizers.Optimizer):
             m_hat = m / (1.0 - tf.pow(0.9, t))
             v_hat = v / (1.0 - tf.pow(0.999, t))
             variable.assign_sub(self.fallback_learning_rate * m_hat / (tf.sqrt(v_hat) + 1e-7))
+        elif index in self._previous_updates:
+            # adaptive_step: `gradient` is minus the whole update (sec. 7).
+            self._previous_updates[index].assign(-gradient)
+            variable.assign_sub(gradient)
         elif index in self._momentums:
             m = self._momentums[index]
             m.assign(self.momentum * m + gradient)
@@ -433,6 +460,36 @@ class KFAC(keras.optimizers.Optimizer):
             )
         return self._curvatures[i].matrix()
 
+    def diagnostics(self):
+        """The latest curvature diagnostics as a dict of tensors.
+
+        ``damping`` (current), ``rho`` (sec. 6.5), ``alpha``/``mu`` (sec. 7,
+        with ``adaptive_step``), ``kl_clip_scale`` (nu), ``update_norm``,
+        ``grad_norm``, ``grad_cosine`` (between the gradient and the
+        preconditioned gradient over the curvature blocks), ``skipped_steps``,
+        and per layer ``"<layer>/<quantity>"``: ``A_``/``G_`` ``trace``,
+        ``min_eigenvalue``, ``max_eigenvalue``, ``condition_number`` (of the
+        factor with its factored damping share), ``spectrum``, ``pi``,
+        ``preconditioned_grad_norm``, ``fidelity_relative_error``.
+        ``rho_step``/``diagnostics_step`` say at which step (1-based) the
+        values were computed (-1: never). They are computed inside the train
+        step only on logging steps: enable them with
+        :meth:`track_diagnostics` (``CurvatureMonitor`` does it for you).
+        """
+        return self._monitor.values()
+
+    def track_diagnostics(self, every=100, histograms=True, fidelity_layers=()):
+        """Compute :meth:`diagnostics` every ``every`` steps inside the train
+        step (0 disables). Call before training in hand-written loops; a
+        ``model.fit`` user adds ``keras_kfac.callbacks.CurvatureMonitor``."""
+        if not self.built:
+            raise ValueError("The optimizer is not built yet: build or train one step first.")
+        self._monitor._check_fidelity_layers(tuple(fidelity_layers))
+        self._monitor.diagnostics_enabled = every > 0
+        self._monitor.histograms = bool(histograms)
+        self._monitor.fidelity_layers = tuple(fidelity_layers)
+        self._monitor.diagnostics_every.assign(int(every))
+
     def curvature_for(self, layer):
         """The curvature estimator object of ``layer`` (object or name)."""
         return self._curvatures[self._block_index(layer)]
@@ -441,7 +498,7 @@ class KFAC(keras.optimizers.Optimizer):
         """Which layers got which curvature block, and which variables fell
         back to the first-order update. Returns the text."""
         if not self.built:
-            model = self.model
+            model = self._model()
             if model is None:
                 raise ValueError("Register a model (compile or KFAC(model=...)) first.")
             self.build(model.trainable_variables)
@@ -486,6 +543,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "fallback_learning_rate": self.fallback_learning_rate,
                 "curvature_options": self.curvature_options,
                 "seed": self.seed,
+                "adaptive_step": self.adaptive_step,
             }
         )
         return config
