@@ -26,7 +26,8 @@ _require_tensorflow_backend(_keras.backend.backend())
 
 from keras_kfac import curvature  # noqa: E402
 from keras_kfac.optimizer import KFAC  # noqa: E402
+from keras_kfac import callbacks  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["KFAC", "curvature", "__version__"]
+__all__ = ["KFAC", "callbacks", "curvature", "__version__"]

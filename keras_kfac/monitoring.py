@@ -1,0 +1,334 @@
+"""In-step state of the quadratic model, adaptive damping and diagnostics.
+
+The optimizer owns one :class:`StepMonitor`. Everything here runs inside the
+compiled train step, behind ``tf.cond`` on the step counter, and keeps its
+results in (untracked, non-checkpointed) ``tf.Variable``\\ s that
+:meth:`keras_kfac.KFAC.diagnostics` and the callbacks of
+:mod:`keras_kfac.callbacks` read:
+
+* the reduction ratio ``rho`` and the Levenberg-Marquardt damping rule
+  (Martens & Grosse 2015, sec. 6.5), every ``every`` steps;
+* the adaptive step ``delta = alpha * Delta + mu * delta_prev`` (sec. 7),
+  every step when ``KFAC(adaptive_step=True)``;
+* curvature diagnostics (factor spectra, traces, condition numbers, pi,
+  norms, cosines, the KL-clip scale) on logging steps.
+
+Which of these are traced into the step is fixed when the train function is
+traced (``features()``); the callbacks retrace once at ``on_train_begin`` if
+that set changes. How often they run and the damping-rule constants are
+variables: changing them never retraces.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from keras_kfac import quadratic
+from keras_kfac.curvature import factors as factor_math
+
+#: Names of the optimizer-level scalars in :meth:`StepMonitor.values`.
+SCALARS = (
+    "damping",
+    "rho",
+    "alpha",
+    "mu",
+    "kl_clip_scale",
+    "update_norm",
+    "grad_norm",
+    "grad_cosine",
+    "skipped_steps",
+)
+#: Names of the per-factor scalars (for each of ``A`` and ``G``).
+FACTOR_SCALARS = ("trace", "min_eigenvalue", "max_eigenvalue", "condition_number")
+
+
+def _variable(value, dtype=tf.float32, shape=None):
+    with tf.init_scope():
+        return tf.Variable(value, dtype=dtype, trainable=False, shape=shape)
+
+
+def _run_if(pred, fn):
+    def true_fn():
+        fn()
+        return tf.constant(True)
+
+    return tf.cond(pred, true_fn, lambda: tf.constant(False))
+
+
+class StepMonitor:
+    def __init__(self, optimizer):
+        self._optimizer_ref = optimizer
+        self.built = False
+        self.rho_enabled = False
+        self.diagnostics_enabled = False
+        self.histograms = True
+        self.fidelity_layers = ()
+        self.traced_features = None
+        self._step = None
+
+    # --- state -------------------------------------------------------------
+    def build(self):
+        """Create the variables (eagerly, at the optimizer's ``build``)."""
+        if self.built:
+            return
+        opt = self._optimizer_ref
+        nan = float("nan")
+        self.scalars = {name: _variable(nan) for name in SCALARS if name != "skipped_steps"}
+        self.rho_every = _variable(0, tf.int64)
+        self.rho_adapts_damping = _variable(False, tf.bool)
+        self.damping_decay = _variable(0.95**5)
+        self.min_damping = _variable(1e-8)
+        self.max_damping = _variable(1e4)
+        self.rho_step = _variable(-1, tf.int64)
+        self.diagnostics_every = _variable(0, tf.int64)
+        self.diagnostics_step = _variable(-1, tf.int64)
+        self.layers = {}
+        for block, curvature in zip(opt._blocks, opt._curvatures):
+            entry = {"preconditioned_grad_norm": _variable(nan), "fidelity_relative_error": _variable(nan)}
+            factors = curvature.factors()
+            if "A" in factors and "G" in factors:
+                entry["pi"] = _variable(nan)
+                for f, dim in (("A", block.a_dim), ("G", block.g_dim)):
+                    for name in FACTOR_SCALARS:
+                        entry[f"{f}_{name}"] = _variable(nan)
+                    entry[f"{f}_spectrum"] = _variable(np.zeros((dim,), np.float32))
+            self.layers[block.name] = entry
+        self.built = True
+
+    def features(self):
+        """What is traced into the train step (changes need a retrace)."""
+        return (
+            self.rho_enabled,
+            self.diagnostics_enabled,
+            self.histograms,
+            tuple(self.fidelity_layers),
+        )
+
+    def _check_fidelity_layers(self, names):
+        opt = self._optimizer_ref
+        known = {b.name: b for b in opt._blocks}
+        for name in names:
+            if name not in known:
+                raise ValueError(
+                    f"fidelity_layers: {name!r} has no curvature block; blocks: "
+                    f"{', '.join(known) or '(none)'}."
+                )
+            if known[name].num_parameters > opt_max_dense():
+                raise ValueError(
+                    f"fidelity_layers: {name!r} has {known[name].num_parameters} "
+                    f"parameters; the exact block is only built up to {opt_max_dense()}."
+                )
+
+    # --- the step -----------------------------------------------------------
+    def begin(self, grads, variables, record):
+        """Start of a (finite) step, before the update: snapshot the
+        parameters when ``rho`` or diagnostics are traced."""
+        opt = self._optimizer_ref
+        self.traced_features = self.features()
+        self._step = {"record": record, "objective": None}
+        step = opt.iterations
+        rho_now = tf.constant(False)
+        if self.rho_enabled:
+            rho_now = (self.rho_every > 0) & tf.equal(step % tf.maximum(self.rho_every, 1), 0)
+        diag_now = tf.constant(False)
+        if self.diagnostics_enabled:
+            diag_now = (self.diagnostics_every > 0) & tf.equal(
+                (step + 1) % tf.maximum(self.diagnostics_every, 1), 0
+            )
+        self._step["rho_now"] = rho_now
+        self._step["diag_now"] = diag_now
+        if self.rho_enabled or self.diagnostics_enabled:
+            model = opt._model()
+            self._step["old"] = [tf.identity(v.value) for v in model.trainable_variables]
+
+    def objective(self):
+        """The batch objective of this step (needs ``model.compute_loss``)."""
+        step = self._step
+        if step["objective"] is None:
+            record = step["record"]
+            if record is None or record.loss_args is None:
+                raise ValueError(
+                    "KFAC(adaptive_step=True), AdaptiveDamping and the rho curve of "
+                    "CurvatureMonitor re-evaluate the batch loss, so they need "
+                    "model.compute_loss: train with model.fit, or call "
+                    "`loss = model.compute_loss(x, y, y_pred)` inside the "
+                    "GradientTape of a hand-written loop (compile the model with a loss)."
+                )
+            opt = self._optimizer_ref
+            step["objective"] = quadratic.BatchObjective(opt._model(), opt._capture, record.loss_args)
+        return step["objective"]
+
+    def _model_grads(self, grads, variables):
+        """The step's gradients aligned with ``model.trainable_variables``."""
+        opt = self._optimizer_ref
+        by_key = {opt._var_key(v): g for g, v in zip(grads, variables)}
+        out = []
+        for v in opt._model().trainable_variables:
+            g = by_key.get(opt._var_key(v))
+            out.append(tf.zeros(v.shape, tf.float32) if g is None else tf.cast(g, tf.float32))
+        return out
+
+    def note_preconditioning(self, matrices, preconditioned, scale):
+        """Record ``V`` and ``P(V)`` per block and the KL-clip scale nu."""
+        if self._step is not None:
+            self._step.update(matrices=matrices, preconditioned=preconditioned, nu=scale)
+
+    def adaptive_directions(self, grads, variables, position, preconditioned, damping):
+        """Sec. 7: per block variable, the direction ``-(alpha Delta + mu
+        delta_prev)`` with ``Delta = -P(grad)``, ``delta_prev`` the previous
+        update, and ``(alpha, mu)`` minimising the exact quadratic model."""
+        opt = self._optimizer_ref
+        model_vars = opt._model().trainable_variables
+        index = {opt._var_key(v): i for i, v in enumerate(model_vars)}
+        natural = [tf.zeros(v.shape, tf.float32) for v in model_vars]
+        previous = [tf.zeros(v.shape, tf.float32) for v in model_vars]
+        for block, p in zip(opt._blocks, preconditioned):
+            for w, d in zip(block.variables, block.from_matrix(-p)):
+                i = index[opt._var_key(w)]
+                natural[i] = d
+                previous[i] = tf.cast(opt._previous_updates[opt._get_variable_index(w)], tf.float32)
+        objective = self.objective()
+        values = objective.current_values()
+        q, loss = quadratic.gram(objective, values, [natural, previous], damping)
+        g = self._model_grads(grads, variables)
+        b = tf.stack([quadratic.dot(g, natural), quadratic.dot(g, previous)])
+        alpha, mu, reduction = quadratic.solve_step_coefficients(q, b)
+        self.scalars["alpha"].assign(alpha)
+        self.scalars["mu"].assign(mu)
+        self._step.update(model_reduction=reduction, loss_before=loss)
+        directions = list(grads)
+        for block in opt._blocks:
+            for w in block.variables:
+                i = index[opt._var_key(w)]
+                delta = alpha * natural[i] + mu * previous[i]
+                directions[position[opt._var_key(w)]] = tf.cast(-delta, w.dtype)
+        return directions
+
+    def end(self, grads, variables, damping):
+        """After the update: ``rho`` (and the damping rule), diagnostics."""
+        if not (self.rho_enabled or self.diagnostics_enabled):
+            self._step = None
+            return
+        step = self._step
+        opt = self._optimizer_ref
+        model_vars = opt._model().trainable_variables
+        new = [v.value for v in model_vars]
+        delta = [tf.cast(n, tf.float32) - tf.cast(o, tf.float32) for n, o in zip(new, step["old"])]
+
+        def compute_rho():
+            objective = self.objective()
+            g = self._model_grads(grads, variables)
+            exact_reuse = (
+                "model_reduction" in step
+                and not opt._fallback_keys
+                and opt.weight_decay is None
+            )
+            if exact_reuse:
+                predicted, before = step["model_reduction"], step["loss_before"]
+            else:
+                predicted, before = quadratic.model_reduction(
+                    objective, step["old"], delta, g, damping
+                )
+            after = objective.loss(new)
+            rho = quadratic.reduction_ratio(after - before, predicted)
+            self.scalars["rho"].assign(rho)
+            self.rho_step.assign(opt.iterations + 1)
+            if opt._damping is not None:
+                adapted = quadratic.levenberg_marquardt(
+                    opt._damping, rho, self.damping_decay, self.min_damping, self.max_damping
+                )
+                opt._damping.assign(tf.where(self.rho_adapts_damping, adapted, opt._damping))
+
+        if self.rho_enabled or self.diagnostics_enabled:
+            _run_if(step["rho_now"] | step["diag_now"], compute_rho)
+        if self.diagnostics_enabled:
+            _run_if(step["diag_now"], lambda: self._diagnostics(grads, delta, damping))
+        self._step = None
+
+    def _diagnostics(self, grads, delta, damping):
+        opt = self._optimizer_ref
+        step = self._step
+        s = self.scalars
+        s["damping"].assign(tf.cast(damping, tf.float32))
+        s["kl_clip_scale"].assign(tf.cast(step.get("nu", 1.0), tf.float32))
+        s["update_norm"].assign(tf.sqrt(quadratic.dot(delta, delta)))
+        g32 = [tf.cast(g, tf.float32) for g in grads]
+        s["grad_norm"].assign(tf.sqrt(quadratic.dot(g32, g32)))
+        vs, ps = step.get("matrices"), step.get("preconditioned")
+        if vs:
+            inner = quadratic.dot(vs, ps)
+            norms = tf.sqrt(quadratic.dot(vs, vs) * quadratic.dot(ps, ps))
+            s["grad_cosine"].assign(tf.math.divide_no_nan(inner, norms))
+            for block, p in zip(opt._blocks, ps):
+                self.layers[block.name]["preconditioned_grad_norm"].assign(tf.norm(p))
+        for block, curvature in zip(opt._blocks, opt._curvatures):
+            entry = self.layers[block.name]
+            factors = curvature.factors()
+            if "pi" not in entry:
+                continue
+            a, g = tf.convert_to_tensor(factors["A"]), tf.convert_to_tensor(factors["G"])
+            entry["pi"].assign(factor_math.pi_correction(a, g))
+            damping_a, damping_g = factor_math.factored_damping(a, g, tf.cast(damping, tf.float32))
+            for name, m, d in (("A", a, damping_a), ("G", g, damping_g)):
+                evals = factor_spectrum(m)
+                entry[f"{name}_spectrum"].assign(evals)
+                entry[f"{name}_trace"].assign(tf.linalg.trace(m))
+                entry[f"{name}_min_eigenvalue"].assign(evals[0])
+                entry[f"{name}_max_eigenvalue"].assign(evals[-1])
+                entry[f"{name}_condition_number"].assign((evals[-1] + d) / (evals[0] + d))
+        if self.fidelity_layers:
+            self._fidelity(step["old"])
+        self.diagnostics_step.assign(opt.iterations + 1)
+
+    def _fidelity(self, values):
+        """Relative Frobenius error of each named layer's approximate block
+        (``curvature_matrix``) against the exact GGN block of this batch at
+        the parameters the step started from."""
+        # (keras_kfac.fidelity works eagerly on numpy batches; this runs in
+        # the compiled step on the recorded batch.)
+        opt = self._optimizer_ref
+        objective = self.objective()
+        index = {opt._var_key(v): i for i, v in enumerate(objective.trainable)}
+        for name in self.fidelity_layers:
+            i = [b.name for b in opt._blocks].index(name)
+            block, curvature = opt._blocks[i], opt._curvatures[i]
+            indices = [index[opt._var_key(w)] for w in block.variables]
+            exact = quadratic.exact_ggn_block(objective, values, indices)
+            error = quadratic.relative_error(exact, tf.convert_to_tensor(curvature.matrix()))
+            self.layers[name]["fidelity_relative_error"].assign(tf.cast(error, tf.float32))
+
+    # --- reading -------------------------------------------------------------
+    def values(self):
+        """The latest diagnostics as a flat dict of tensors."""
+        opt = self._optimizer_ref
+        out = {"damping": tf.convert_to_tensor(opt.damping)}
+        if not self.built:
+            return out
+        for name, var in self.scalars.items():
+            if name != "damping":
+                out[name] = var.value()
+        out["skipped_steps"] = opt.skipped_steps
+        out["rho_step"] = self.rho_step.value()
+        out["diagnostics_step"] = self.diagnostics_step.value()
+        out["diagnostics_damping"] = self.scalars["damping"].value()
+        for layer, entry in self.layers.items():
+            for name, var in entry.items():
+                out[f"{layer}/{name}"] = var.value()
+        return out
+
+
+def factor_spectrum(m):
+    """Ascending eigenvalues of a symmetric PSD factor, clipped at 0 (NaN
+    factors give NaN spectra instead of an exception)."""
+    ok = factor_math.all_finite(m)
+    safe = tf.where(ok, factor_math.symmetrize(m), tf.eye(tf.shape(m)[0], dtype=m.dtype))
+    evals = tf.maximum(tf.linalg.eigvalsh(safe), 0.0)
+    return tf.where(ok, evals, float("nan"))
+
+
+def opt_max_dense():
+    from keras_kfac.optimizer import MAX_DENSE_PARAMETERS
+
+    return MAX_DENSE_PARAMETERS
+
+
+__all__ = ["StepMonitor", "SCALARS", "FACTOR_SCALARS", "factor_spectrum"]

@@ -1,0 +1,234 @@
+"""The local quadratic model of the objective, with exact curvature products.
+
+Martens & Grosse 2015 (arXiv 1503.05671):
+
+* sec. 6.5, the Levenberg-Marquardt rule: the reduction ratio
+  ``rho = (h(theta + delta) - h(theta)) / (M(delta) - M(0))`` with
+  ``M(delta) = 1/2 delta^T (F + lambda I) delta + grad^T delta``;
+* sec. 7, re-scaling and momentum: ``delta = alpha * Delta + mu * delta_prev``
+  with ``(alpha, mu)`` minimising ``M`` (a 2x2 linear system).
+
+``F`` here is the exact curvature on the current batch, not the Kronecker
+approximation: the generalized Gauss-Newton matrix ``J^T H J`` of the
+compiled loss (Schraudolph 2002; Martens 2020, arXiv 1412.1193 sec. 8), with
+``J`` the Jacobian of the model output with respect to the parameters and
+``H`` the Hessian of the loss with respect to the model output. For the losses
+the sampled Fisher supports, applied to logits (``from_logits=True``) or to a
+linear output with mean squared error, the GGN equals the Fisher. Quadratic
+forms ``u^T F v = (J u)^T H (J v)`` need one forward-mode Jacobian-vector
+product per direction (``tf.autodiff.ForwardAccumulator``) and one
+forward-over-reverse Hessian-vector product at the output, which is cheap.
+
+Every forward pass here is *stateless* (``keras.StatelessScope``): parameters
+are given as tensors, non-trainable state (BatchNormalization statistics,
+dropout seeds) is read from one snapshot and never written, so the passes
+have no side effects and all of them see the same dropout masks.
+"""
+
+import keras
+import tensorflow as tf
+from keras.src import backend as keras_backend
+
+
+def _f32(x):
+    return tf.cast(x, tf.float32)
+
+
+def dot(us, vs):
+    """``sum_k <u_k, v_k>`` over lists of tensors (float32)."""
+    return tf.add_n([tf.reduce_sum(_f32(u) * _f32(v)) for u, v in zip(us, vs)])
+
+
+class BatchObjective:
+    """The model's training loss on one recorded batch, as a function of the
+    trainable parameters (Martens & Grosse 2015, sec. 6.5: ``rho`` is measured
+    on the same mini-batch as the update).
+
+    Args:
+        model: the Keras model.
+        capture: its :class:`keras_kfac.capture.Capture` (paused during the
+            passes so they are not recorded as the step's statistics).
+        loss_args: ``(x, y, sample_weight)`` recorded from ``compute_loss``.
+    """
+
+    def __init__(self, model, capture, loss_args):
+        self.model = model
+        self.capture = capture
+        self.x, self.y, self.sample_weight = loss_args
+        self.trainable = list(model.trainable_variables)
+        self.non_trainable = list(model.non_trainable_variables)
+        # One snapshot of the non-trainable state: every pass uses it.
+        self.state = [tf.identity(v.value) for v in self.non_trainable]
+
+    def _mapping(self, values):
+        return list(zip(self.trainable, values)) + list(zip(self.non_trainable, self.state))
+
+    def _call(self):
+        if getattr(self.model, "_call_has_training_arg", True):
+            return self.model(self.x, training=True)
+        return self.model(self.x)
+
+    def _loss(self, y_pred):
+        loss = self.model._compute_loss(
+            x=self.x, y=self.y, y_pred=y_pred, sample_weight=self.sample_weight, training=True
+        )
+        return _f32(loss)
+
+    def current_values(self):
+        return [v.value for v in self.trainable]
+
+    def loss(self, values):
+        """``h(theta)`` at ``values`` (one stateless forward pass)."""
+        with self.capture.paused(), keras_backend.StatelessScope(
+            state_mapping=self._mapping(values), collect_losses=True
+        ):
+            return self._loss(self._call())
+
+    def jvp(self, values, tangents):
+        """``(h(theta), y_pred, J v)`` at ``values`` along ``tangents``: one
+        forward pass with a forward-mode accumulator."""
+        values = [tf.convert_to_tensor(v) for v in values]
+        tangents = [tf.cast(t, v.dtype) for t, v in zip(tangents, values)]
+        with self.capture.paused():
+            with tf.autodiff.ForwardAccumulator(values, tangents) as acc:
+                with keras_backend.StatelessScope(
+                    state_mapping=self._mapping(values), collect_losses=True
+                ):
+                    y_pred = self._call()
+                    loss = self._loss(y_pred)
+            ju = acc.jvp(y_pred, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return loss, tf.nest.map_structure(tf.stop_gradient, y_pred), ju
+
+    def output_hvp(self, values, y_pred, u):
+        """``H u`` with ``H`` the Hessian of the loss with respect to the model
+        output ``y_pred`` (forward-over-reverse)."""
+        y_pred = tf.nest.map_structure(tf.convert_to_tensor, y_pred)
+        u = tf.nest.map_structure(lambda t, y: tf.cast(t, y.dtype), u, y_pred)
+        flat_y = tf.nest.flatten(y_pred)
+        with self.capture.paused():
+            with tf.autodiff.ForwardAccumulator(flat_y, tf.nest.flatten(u)) as acc:
+                with tf.GradientTape() as tape:
+                    tape.watch(flat_y)
+                    with keras_backend.StatelessScope(
+                        state_mapping=self._mapping(values), collect_losses=True
+                    ):
+                        loss = self._loss(tf.nest.pack_sequence_as(y_pred, flat_y))
+                grads = tape.gradient(
+                    loss, flat_y, unconnected_gradients=tf.UnconnectedGradients.ZERO
+                )
+            return acc.jvp(grads, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+
+def gram(objective, values, directions, damping):
+    """Exact ``Q_ij = d_i^T (F + lambda I) d_j`` for a few directions, plus
+    ``h(theta)``. One Jacobian-vector forward pass per direction."""
+    jus, loss, y_pred = [], None, None
+    for d in directions:
+        loss, y_pred, ju = objective.jvp(values, d)
+        jus.append(tf.nest.flatten(ju))
+    hus = [objective.output_hvp(values, y_pred, tf.nest.pack_sequence_as(y_pred, ju)) for ju in jus]
+    k = len(directions)
+    rows = []
+    for i in range(k):
+        row = []
+        for j in range(k):
+            row.append(dot(jus[i], hus[j]) + damping * dot(directions[i], directions[j]))
+        rows.append(tf.stack(row))
+    q = tf.stack(rows)
+    return 0.5 * (q + tf.transpose(q)), loss
+
+
+def model_reduction(objective, values, delta, grads, damping):
+    """``(M(delta) - M(0), h(theta))`` with ``M`` as in sec. 6.5 and exact
+    GGN products (one Jacobian-vector forward pass)."""
+    q, loss = gram(objective, values, [delta], damping)
+    return 0.5 * q[0, 0] + dot(grads, delta), loss
+
+
+def reduction_ratio(actual, predicted):
+    """``rho = actual / predicted``; NaN when the model predicts no decrease
+    (``predicted >= 0``) or either value is not finite (sec. 6.5)."""
+    ok = tf.math.is_finite(actual) & tf.math.is_finite(predicted) & (predicted < 0.0)
+    return tf.where(ok, actual / tf.where(ok, predicted, -1.0), float("nan"))
+
+
+def levenberg_marquardt(damping, rho, decay, min_damping, max_damping):
+    """Sec. 6.5: ``lambda <- decay * lambda`` if ``rho > 3/4``,
+    ``lambda <- lambda / decay`` if ``rho < 1/4`` or ``rho`` is not finite;
+    clipped to ``[min_damping, max_damping]``."""
+    finite = tf.math.is_finite(rho)
+    new = tf.where(finite & (rho > 0.75), damping * decay, damping)
+    new = tf.where(tf.logical_not(finite) | (rho < 0.25), damping / decay, new)
+    return tf.clip_by_value(new, min_damping, max_damping)
+
+
+def solve_step_coefficients(q, b):
+    """Sec. 7: ``(alpha, mu) = argmin 1/2 x^T Q x + b^T x``, ``x = -Q^-1 b``.
+
+    Safeguards: the 1-D problem (``mu = 0``, ``alpha = -b_0 / Q_00``) when
+    ``Q`` is (numerically) singular, e.g. on the first step where there is no
+    previous update, or when the 2-D solution is not finite or does not
+    decrease the model; ``alpha = mu = 0`` (no step) if nothing is finite and
+    decreasing. Returns ``(alpha, mu, M(delta) - M(0))``.
+    """
+    q00, q01, q11 = q[0, 0], q[0, 1], q[1, 1]
+    b0, b1 = b[0], b[1]
+    det = q00 * q11 - q01 * q01
+    regular = (det > 1e-6 * q00 * q11) & (q11 > 0.0)
+    safe_det = tf.where(regular, det, 1.0)
+    alpha2 = -(q11 * b0 - q01 * b1) / safe_det
+    mu2 = -(-q01 * b0 + q00 * b1) / safe_det
+    m2 = 0.5 * (alpha2 * b0 + mu2 * b1)
+    ok2 = regular & tf.math.is_finite(alpha2) & tf.math.is_finite(mu2) & (m2 < 0.0)
+    alpha1 = -b0 / tf.where(q00 > 0.0, q00, 1.0)
+    m1 = 0.5 * alpha1 * b0
+    ok1 = (q00 > 0.0) & tf.math.is_finite(alpha1) & (m1 < 0.0)
+    alpha = tf.where(ok2, alpha2, tf.where(ok1, alpha1, 0.0))
+    mu = tf.where(ok2, mu2, 0.0)
+    m = tf.where(ok2, m2, tf.where(ok1, m1, 0.0))
+    return alpha, mu, m
+
+
+def exact_ggn_block(objective, values, indices):
+    """The exact GGN block ``J_l^T H J_l`` on the batch for the parameters
+    ``values[i], i in indices`` (kernel then bias: the parameter order of the
+    conventions), by brute force: the output Jacobian ``J_l`` with
+    ``GradientTape.jacobian`` and the output Hessian ``H`` of the loss. For
+    small layers and outputs only (memory ``N*P + N^2`` with ``N`` the number
+    of output values in the batch). Single-output models.
+    """
+    values = [tf.convert_to_tensor(v) for v in values]
+    params = [values[i] for i in indices]
+    with objective.capture.paused():
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(params)
+            with keras_backend.StatelessScope(
+                state_mapping=objective._mapping(values), collect_losses=True
+            ):
+                y_pred = objective._call()
+            outputs = tf.nest.flatten(y_pred)
+            if len(outputs) != 1:
+                raise ValueError("The exact GGN block supports single-output models.")
+            y_flat = tf.reshape(_f32(outputs[0]), (-1,))
+        jacobians = tape.jacobian(y_flat, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        del tape
+        count = tf.shape(y_flat)[0]
+        j = tf.concat([tf.reshape(_f32(t), (count, -1)) for t in jacobians], axis=1)
+        shape = tf.shape(outputs[0])
+        y0 = tf.stop_gradient(y_flat)
+        with tf.GradientTape() as outer:
+            outer.watch(y0)
+            with tf.GradientTape() as inner:
+                inner.watch(y0)
+                with keras_backend.StatelessScope(
+                    state_mapping=objective._mapping(values), collect_losses=True
+                ):
+                    loss = objective._loss(tf.reshape(y0, shape))
+            grad = inner.gradient(loss, y0, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        hessian = outer.jacobian(grad, y0, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return tf.matmul(j, hessian @ j, transpose_a=True)
+
+
+def relative_error(exact, approx):
+    """``||F - F_hat||_F / ||F||_F``."""
+    return tf.norm(exact - approx) / tf.norm(exact)
