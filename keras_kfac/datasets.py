@@ -149,11 +149,22 @@ def find_raw_dir(name: str, manual_dir=None, data_dir=None) -> str | None:
 
 
 def _writable(path: str) -> bool:
+    """Whether ``path`` (or its nearest existing parent) may be written to.
+
+    Also honours the permission bits: root passes ``os.access`` even on a
+    folder marked read-only (``r-x``), which we still treat as read-only.
+    """
     path = os.path.abspath(os.path.expanduser(path))
     for d in _walk_up(path):
         if os.path.exists(d):
-            return os.path.isdir(d) and os.access(d, os.W_OK | os.X_OK)
+            return (os.path.isdir(d) and os.access(d, os.W_OK | os.X_OK)
+                    and bool(os.stat(d).st_mode & 0o222))
     return False
+
+
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _not_found_message(name: str, data_dir: str, searched: list[str], why: str) -> str:
@@ -257,8 +268,9 @@ def prepare(name: str, data_dir=None, manual_dir=None, download: bool = True) ->
     """Make sure ``<name>/3.0.1`` is prepared; return the ``data_dir`` holding it.
 
     The returned directory differs from ``data_dir`` only when ``data_dir``
-    holds raw files but is not writable (e.g. a read-only shared folder); the
-    dataset is then prepared in :func:`default_data_dir`.
+    itself holds the raw files (e.g. a shared source folder) or is read-only:
+    the dataset is then prepared in :func:`default_data_dir`, so the raw
+    files' folder is never written to.
     """
     name = _check_name(name)
     data_dir = os.path.abspath(os.path.expanduser(str(data_dir or default_data_dir())))
@@ -271,10 +283,13 @@ def prepare(name: str, data_dir=None, manual_dir=None, download: bool = True) ->
     raw_dir = find_raw_dir(name, manual_dir=manual_dir, data_dir=data_dir)
     if raw_dir is not None:
         out_dir = data_dir
-        if not _writable(out_dir):
+        # Never write next to the raw files (a data_dir that holds them is
+        # typically a shared source folder), nor into a read-only folder.
+        if _inside(raw_dir, data_dir) or not _writable(out_dir):
             out_dir = os.path.abspath(default_data_dir())
             log.warning(
-                "%s is not writable: preparing %s in %s instead", data_dir, name, out_dir
+                "%s holds the raw files or is read-only: preparing %s in %s instead",
+                data_dir, name, out_dir,
             )
             if tfds.builder(f"{name}:{VERSION}", data_dir=out_dir).is_prepared():
                 return out_dir

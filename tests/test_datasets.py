@@ -115,3 +115,30 @@ def test_finds_shared_dir_by_walking_up(monkeypatch, tmp_path):
     assert found is not None and os.path.samefile(found, os.path.join(SHARED, "fashion-mnist"))
     monkeypatch.setenv("KERAS_KFAC_DATA", SHARED)
     assert os.path.samefile(datasets.find_raw_dir("mnist"), os.path.join(SHARED, "mnist"))
+
+
+def test_offline_download_fails_fast(tmp_path, monkeypatch):
+    """With no local data and no network, prepare() fails at once with advice."""
+    monkeypatch.delenv("KERAS_KFAC_DATA", raising=False)
+    monkeypatch.setattr(datasets, "_candidate_dirs", lambda *a, **k: [str(tmp_path / "raw")])
+    monkeypatch.setattr(datasets, "_reachable", lambda url, timeout=5.0: False)
+    with pytest.raises(datasets.DataNotFoundError, match="unreachable"):
+        datasets.prepare("fashion_mnist", data_dir=str(tmp_path / "tfds"), download=True)
+
+
+def test_reachable_probe_on_closed_local_port():
+    assert datasets._reachable("http://127.0.0.1:9/x.gz", timeout=1.0) is False
+
+
+def test_never_prepares_next_to_raw_files(tmp_path, monkeypatch):
+    """A data_dir holding the raw files (a shared source folder) is not written to."""
+    raw = tmp_path / "src" / "mnist"
+    raw.mkdir(parents=True)
+    for f in datasets.RAW_FILES:
+        (raw / f).write_bytes(b"")
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "default"))
+    calls = []
+    monkeypatch.setattr(datasets, "_prepare_from_raw", lambda *a: calls.append(a))
+    out = datasets.prepare("mnist", data_dir=str(tmp_path / "src"), download=False)
+    assert out == str(tmp_path / "default")
+    assert calls == [("mnist", str(raw), str(tmp_path / "default"))]
