@@ -238,8 +238,15 @@ class StepMonitor:
                 )
                 opt._damping.assign(tf.where(self.rho_adapts_damping, adapted, opt._damping))
 
-        if self.rho_enabled or self.diagnostics_enabled:
-            _run_if(step["rho_now"] | step["diag_now"], compute_rho)
+        # rho on AdaptiveDamping's steps, and on logging steps when the batch
+        # loss can be re-evaluated (model.compute_loss was called).
+        record = step["record"]
+        has_loss = record is not None and record.loss_args is not None
+        when = step["rho_now"] if self.rho_enabled else tf.constant(False)
+        if has_loss:
+            when = when | step["diag_now"]
+        if self.rho_enabled or has_loss:
+            _run_if(when, compute_rho)
         if self.diagnostics_enabled:
             _run_if(step["diag_now"], lambda: self._diagnostics(grads, delta, damping))
         self._step = None

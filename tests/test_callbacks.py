@@ -1,0 +1,202 @@
+"""CurvatureMonitor, DampingScheduler and ``KFAC.diagnostics``: event files
+are read back and their values checked against the optimizer's state."""
+
+import glob
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_kfac  # noqa: E402
+from keras_kfac.callbacks import CurvatureMonitor, DampingScheduler  # noqa: E402
+
+
+def read_events(directory):
+    """``{tag: [(step, value), ...]}`` from every event file in ``directory``."""
+    events = {}
+    for path in sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                events.setdefault(value.tag, []).append((event.step, tf.make_ndarray(value.tensor)))
+    return events
+
+
+def _convnet():
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(4, 3, activation="relu", name="conv"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, name="logits"),
+        ]
+    )
+
+
+def _classification(n=128, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 8, 8, 1)).astype("float32"), rng.integers(0, 3, n)
+
+
+def _damped_condition(m, share):
+    evals = np.clip(np.linalg.eigvalsh(m), 0.0, None)
+    return (evals[-1] + share) / (evals[0] + share), evals
+
+
+def test_curvature_monitor_writes_the_curvature_story(tmp_path):
+    x, y = _classification()
+    model = _convnet()
+    opt = keras_kfac.KFAC(damping=3e-3)
+    model.compile(opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    log_dir = str(tmp_path / "run")
+    model.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=1,
+        verbose=0,
+        callbacks=[
+            keras.callbacks.TensorBoard(log_dir, update_freq=1),
+            CurvatureMonitor(log_dir, update_freq=2),
+        ],
+    )
+    events = read_events(os.path.join(log_dir, "train"))
+    # Keras's own curves and ours, side by side in the same run directory.
+    assert any(tag.startswith("batch_") or tag.startswith("epoch_") for tag in events)
+    expected = {f"kfac/{n}" for n in ("damping", "rho", "kl_clip_scale", "update_norm", "grad_norm", "grad_cosine", "skipped_steps")}
+    for layer in ("conv", "logits"):
+        for f in ("A", "G"):
+            expected |= {f"kfac_layers/{layer}/{f}_{q}" for q in ("trace", "min_eigenvalue", "max_eigenvalue", "condition_number")}
+            expected.add(f"kfac_spectra/{layer}/{f}")
+        expected |= {f"kfac_layers/{layer}/pi", f"kfac_layers/{layer}/preconditioned_grad_norm"}
+    assert expected <= set(events), expected - set(events)
+    assert "kfac/alpha" not in events  # only with adaptive_step
+    assert [s for s, _ in events["kfac/damping"]] == [2, 4, 6, 8]
+    for _, value in events["kfac/damping"]:
+        np.testing.assert_allclose(value, float(opt.damping), rtol=1e-6)
+    # The last logged step is the last step: compare with the final factors.
+    damping = float(opt.damping)
+    for layer in ("conv", "logits"):
+        factors = {k: np.asarray(v, np.float64) for k, v in opt.curvature_for(layer).factors().items()}
+        a, g = factors["A"], factors["G"]
+        pi = np.sqrt((np.trace(a) / len(a)) / (np.trace(g) / len(g)))
+        gamma = np.sqrt(damping)
+        last = {tag: vals[-1][1] for tag, vals in events.items() if vals[-1][0] == 8}
+        np.testing.assert_allclose(last[f"kfac_layers/{layer}/pi"], pi, rtol=1e-4)
+        for name, m, share in (("A", a, pi * gamma), ("G", g, gamma / pi)):
+            condition, evals = _damped_condition(m, share)
+            np.testing.assert_allclose(last[f"kfac_layers/{layer}/{name}_condition_number"], condition, rtol=1e-3)
+            np.testing.assert_allclose(last[f"kfac_layers/{layer}/{name}_trace"], np.trace(m), rtol=1e-4)
+            np.testing.assert_allclose(last[f"kfac_layers/{layer}/{name}_max_eigenvalue"], evals[-1], rtol=1e-3)
+            histogram = last[f"kfac_spectra/{layer}/{name}"]  # (buckets, [left, right, count])
+            np.testing.assert_allclose(histogram[:, 2].sum(), len(m))
+    for _, value in events["kfac/grad_cosine"]:
+        assert 0.0 < value <= 1.0 + 1e-6  # P is positive definite
+    for _, value in events["kfac/kl_clip_scale"]:
+        assert 0.0 < value <= 1.0
+
+
+def test_fidelity_against_the_exact_fisher_of_linear_regression(tmp_path):
+    """For a linear layer with MSE the exact Fisher block is
+    ``(2/(n m)) kron(Xb^T Xb, I)``; the logged relative error is
+    ``||F - curvature_matrix||_F / ||F||_F``."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 3)).astype("float32")
+    y = rng.normal(size=(32, 2)).astype("float32")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="linear")])
+    opt = keras_kfac.KFAC(fisher="empirical")
+    model.compile(opt, loss="mse")
+    log_dir = str(tmp_path)
+    model.fit(
+        x, y, batch_size=32, epochs=3, verbose=0,
+        callbacks=[CurvatureMonitor(log_dir, update_freq=1, fidelity_layers=["linear"])],
+    )
+    xb = np.concatenate([x, np.ones((32, 1), "float32")], axis=1).astype(np.float64)
+    exact = (2.0 / 64) * np.kron(xb.T @ xb, np.eye(2))
+    approx = np.asarray(opt.curvature_matrix("linear"), np.float64)
+    expected = np.linalg.norm(exact - approx) / np.linalg.norm(exact)
+    events = read_events(os.path.join(log_dir, "train"))
+    step, logged = events["kfac_layers/linear/fidelity_relative_error"][-1]
+    assert step == 3
+    np.testing.assert_allclose(logged, expected, rtol=1e-3)
+    assert expected > 1e-3  # the empirical Fisher is not the exact one
+
+
+def test_damping_scheduler_sets_the_variable_per_epoch(tmp_path):
+    x, y = _classification(n=64)
+    model = _convnet()
+    opt = keras_kfac.KFAC(damping=1.0)
+    model.compile(opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    schedule = lambda epoch: 1e-2 * 0.1**epoch  # noqa: E731
+    history = model.fit(
+        x, y, batch_size=32, epochs=3, verbose=0,
+        callbacks=[DampingScheduler(schedule), CurvatureMonitor(str(tmp_path), update_freq=1)],
+    )
+    np.testing.assert_allclose(history.history["damping"], [1e-2, 1e-3, 1e-4], rtol=1e-6)
+    np.testing.assert_allclose(float(opt.damping), 1e-4, rtol=1e-6)
+    events = read_events(os.path.join(str(tmp_path), "train"))
+    logged = dict(events["kfac/damping"])
+    assert sorted(logged) == [1, 2, 3, 4, 5, 6]
+    for step, value in logged.items():
+        np.testing.assert_allclose(value, schedule((step - 1) // 2), rtol=1e-6)
+
+
+def test_diagnostics_in_a_hand_written_loop():
+    """``track_diagnostics`` + ``diagnostics()``: the gradient and update norms
+    and the cosine between gradient and natural direction, recomputed here."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(16, 4)).astype("float32")
+    y = rng.integers(0, 3, 16)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    opt = keras_kfac.KFAC(model=model, fisher="empirical", momentum=0.0, kl_clip=None, learning_rate=0.1)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    opt.build(model.trainable_variables)
+    opt.track_diagnostics(every=1)
+
+    @tf.function
+    def train_step():
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        return grads
+
+    before = [v.numpy() for v in model.trainable_variables]
+    grads = [g.numpy() for g in train_step()]
+    after = [v.numpy() for v in model.trainable_variables]
+    d = {k: v.numpy() for k, v in opt.diagnostics().items()}
+    g = np.concatenate([t.ravel() for t in grads])
+    update = np.concatenate([(a - b).ravel() for a, b in zip(after, before)])
+    np.testing.assert_allclose(d["grad_norm"], np.linalg.norm(g), rtol=1e-5)
+    np.testing.assert_allclose(d["update_norm"], np.linalg.norm(update), rtol=1e-4)
+    # update = -lr * P(g) (momentum 0, no clipping): cos(g, P g) = cos(g, -update)
+    np.testing.assert_allclose(d["grad_cosine"], -(g @ update) / (np.linalg.norm(g) * np.linalg.norm(update)), rtol=1e-4)
+    np.testing.assert_allclose(d["dense/preconditioned_grad_norm"], np.linalg.norm(update) / 0.1, rtol=1e-4)
+    assert d["diagnostics_step"] == 1 and d["kl_clip_scale"] == 1.0
+    assert np.isnan(d["rho"])  # rho needs model.compute_loss, not called in this loop
+
+
+def test_monitor_and_adaptive_damping_with_jit_compile_and_steps_per_execution(tmp_path):
+    from keras_kfac.callbacks import AdaptiveDamping
+
+    x, y = _classification(n=64)
+    model = _convnet()
+    opt = keras_kfac.KFAC(adaptive_step=True)
+    model.compile(
+        opt,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=True,
+        steps_per_execution=2,
+    )
+    history = model.fit(
+        x, y, batch_size=16, epochs=2, verbose=0,
+        callbacks=[CurvatureMonitor(str(tmp_path), update_freq=2), AdaptiveDamping(every=2)],
+    )
+    events = read_events(os.path.join(str(tmp_path), "train"))
+    assert [s for s, _ in events["kfac/alpha"]] == [2, 4, 6, 8]
+    assert all(np.isfinite(v) for _, v in events["kfac/alpha"])
+    assert all(np.isfinite(v) for _, v in events["kfac/rho"])
+    assert np.isfinite(history.history["loss"]).all()
+    assert history.history["damping"][-1] != 1e-3  # adapted
