@@ -1,0 +1,204 @@
+"""One KFAC step with each curvature method equals ``-lr * solve(F_hat +
+damping, grad)`` for that method's F_hat, computed by brute force.
+
+``KFAC(momentum=0, kl_clip=None, stats_decay=0, inverse_every=1,
+fisher="empirical")`` and one train step on a fixed batch, so the
+statistics are that batch's.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_kfac
+from reference import (
+    exact_fisher_block,
+    factored_damped,
+    flat_params,
+    kfac_factors,
+    layer_ag,
+    per_example_gradients,
+    rearrange,
+    rel,
+)
+from test_curvature_methods import LOSS, PRECISE, make_problem, rearrange_inverse
+
+LR, DAMPING = 0.1, 0.05
+
+
+def setup(method, kind, mode="graph", n=12, damping_mode="factored", **options):
+    model, layer, x, y = make_problem(kind, n=n)
+    u = per_example_gradients(model, layer, x, y, LOSS).numpy().astype(np.float64)
+    ref = dict(
+        grad=u.mean(0),
+        F=exact_fisher_block(model, layer, x, y, LOSS).numpy().astype(np.float64),
+    )
+    ref["A"], ref["G"] = [m.astype(np.float64) for m in kfac_factors(*layer_ag(model, layer, x, y, LOSS))]
+    opts = dict(PRECISE)
+    opts.update(options)
+    opt = keras_kfac.KFAC(
+        learning_rate=LR,
+        damping=DAMPING,
+        momentum=0.0,
+        kl_clip=None,
+        stats_decay=0.0,
+        inverse_every=1,
+        fisher="empirical",
+        curvature=method,
+        damping_mode=damping_mode,
+        curvature_options=opts,
+    )
+    model.compile(optimizer=opt, loss=LOSS, run_eagerly=mode == "eager", jit_compile=mode == "xla")
+    return model, layer, x, y, opt, ref
+
+
+def step(model, layer, x, y):
+    before = flat_params(layer).astype(np.float64)
+    model.train_on_batch(x, y)
+    return flat_params(layer).astype(np.float64) - before
+
+
+def expect(delta, damped, grad, tol=1e-3):
+    want = -LR * np.linalg.solve(damped, grad)
+    assert rel(delta, want) < tol, rel(delta, want)
+
+
+def top_pairs_matrix(f, da, dg, k):
+    u, s, vt = np.linalg.svd(rearrange(f, da, dg))
+    return rearrange_inverse(sum(s[i] * np.outer(u[:, i], vt[i]) for i in range(k)), da, dg)
+
+
+# Graph mode on both layers; XLA on the Dense one (compiles are slow here).
+CASES = [("dense", "graph"), ("conv", "graph"), ("dense", "xla")]
+
+
+@pytest.mark.parametrize("kind,mode", CASES)
+@pytest.mark.parametrize("damping_mode", ["factored", "eigen"])
+def test_kpsvd_step(kind, mode, damping_mode):
+    model, layer, x, y, opt, ref = setup("kpsvd", kind, mode, damping_mode=damping_mode)
+    delta = step(model, layer, x, y)
+    c = opt.curvature_for(layer)
+    a, g = c.a.numpy().astype(np.float64), c.g.numpy().astype(np.float64)
+    da, dg = len(a), len(g)
+    assert rel(np.kron(a, g), top_pairs_matrix(ref["F"], da, dg, 1)) < 1e-3
+    if damping_mode == "factored":
+        damped = factored_damped(a, g, DAMPING)
+    else:
+        damped = np.kron(a, g) + DAMPING * np.eye(da * dg)
+    expect(delta, damped, ref["grad"])
+
+
+@pytest.mark.parametrize("kind,mode", CASES)
+@pytest.mark.parametrize("method", ["deflation", "lanczos", "kfac_corrected"])
+def test_two_term_step(method, kind, mode):
+    model, layer, x, y, opt, ref = setup(method, kind, mode)
+    delta = step(model, layer, x, y)
+    da, dg = len(ref["A"]), len(ref["G"])
+    got = opt.curvature_matrix(layer).numpy().astype(np.float64)
+    if method == "kfac_corrected":
+        kf = np.kron(ref["A"], ref["G"])
+        want = kf + top_pairs_matrix(ref["F"] - kf, da, dg, 1)
+    else:
+        want = top_pairs_matrix(ref["F"], da, dg, 2)
+    assert rel(got, want) < 2e-3
+    damped = opt.curvature_for(layer).preconditioner_inverse().numpy().astype(np.float64)
+    assert np.linalg.eigvalsh(0.5 * (damped + damped.T)).min() > 0
+    expect(delta, damped, ref["grad"])
+
+
+@pytest.mark.parametrize("kind,mode", CASES)
+def test_ekfac_step(kind, mode):
+    """First step with lr = 0 (sets the eigenbasis), second the real one: the
+    scaling is then that batch's E[(Q^T u)^2] in that batch's basis."""
+    model, layer, x, y, opt, ref = setup("ekfac", kind, mode)
+    opt.learning_rate = 0.0
+    model.train_on_batch(x, y)
+    opt.learning_rate = LR
+    delta = step(model, layer, x, y)
+    q = np.kron(np.linalg.eigh(ref["A"])[1], np.linalg.eigh(ref["G"])[1])
+    want = q @ np.diag(np.diag(q.T @ ref["F"] @ q)) @ q.T
+    got = opt.curvature_matrix(layer).numpy().astype(np.float64)
+    assert rel(got, want) < 1e-3
+    expect(delta, got + DAMPING * np.eye(len(got)), ref["grad"])
+
+
+@pytest.mark.parametrize("kind,mode", CASES)
+def test_tengrad_step_is_exact_damped_natural_gradient(kind, mode):
+    model, layer, x, y, opt, ref = setup("tengrad", kind, mode)
+    delta = step(model, layer, x, y)
+    expect(delta, ref["F"] + DAMPING * np.eye(len(ref["F"])), ref["grad"], tol=1e-4)
+
+
+@pytest.mark.parametrize("kind,mode", CASES)
+def test_cgfac_step_converges_to_eigen_kfac(kind, mode):
+    model, layer, x, y, opt, ref = setup("cgfac", kind, mode, cg_max_iters=300, cg_tol=1e-7)
+    delta = step(model, layer, x, y)
+    damped = np.kron(ref["A"], ref["G"]) + DAMPING * np.eye(len(ref["F"]))
+    expect(delta, damped, ref["grad"])
+    # ... and equals KFAC(damping_mode="eigen") on the same model and batch.
+    model2, layer2, x2, y2, _, _ = setup("kfac", kind, mode, damping_mode="eigen")
+    assert rel(delta, step(model2, layer2, x2, y2)) < 1e-3
+
+
+def test_cgfac_iteration_cap_and_warm_start():
+    """Few iterations from a cold start are not converged; the next step warm
+    starts from the stored solution."""
+    model, layer, x, y, opt, ref = setup("cgfac", "dense", cg_max_iters=1, cg_tol=0.0)
+    delta = step(model, layer, x, y)
+    damped = np.kron(ref["A"], ref["G"]) + DAMPING * np.eye(len(ref["F"]))
+    want = -LR * np.linalg.solve(damped, ref["grad"])
+    assert rel(delta, want) > 1e-2
+    assert np.abs(opt.curvature_for(layer).solution.numpy()).max() > 0
+
+
+@pytest.mark.parametrize("kind,mode", CASES)
+def test_diagonal_step(kind, mode):
+    model, layer, x, y, opt, ref = setup("diagonal", kind, mode)
+    delta = step(model, layer, x, y)
+    expect(delta, np.diag(np.diag(ref["F"])) + DAMPING * np.eye(len(ref["F"])), ref["grad"])
+
+
+def test_auto_static_choice_and_summary():
+    model, layer, x, y, opt, ref = setup("auto", "dense", batch_size=12)
+    delta = step(model, layer, x, y)
+    c = opt.curvature_for(layer)
+    text = opt.summary(print_fn=lambda s: None)
+    assert c.name in text
+    if c.name == "auto:tengrad":
+        expect(delta, ref["F"] + DAMPING * np.eye(len(ref["F"])), ref["grad"], tol=1e-4)
+    else:
+        assert c.name == "auto:kfac"
+        expect(delta, factored_damped(ref["A"], ref["G"], DAMPING), ref["grad"])
+
+
+@pytest.mark.parametrize("n", [2, 12])
+def test_auto_runtime_choice_follows_batch_size(n):
+    model, layer, x, y, opt, ref = setup("auto", "dense", n=n)
+    delta = step(model, layer, x, y)
+    c = opt.curvature_for(layer)
+    assert c.name == f"auto:tengrad<={c.crossover}" and 2 <= c.crossover < 12
+    if n <= c.crossover:
+        expect(delta, ref["F"] + DAMPING * np.eye(len(ref["F"])), ref["grad"], tol=1e-4)
+    else:
+        expect(delta, factored_damped(ref["A"], ref["G"], DAMPING), ref["grad"])
+
+
+def test_auto_rule_prefers_woodbury_for_small_batches_on_wide_layers():
+    from keras_kfac.curvature.auto import crossover
+
+    wide = crossover(785, 1000, 1, 20.0)
+    narrow = crossover(5, 3, 1, 20.0)
+    assert wide > 500 and narrow < 12
+    from keras_kfac.curvature.auto import kronecker_cost, woodbury_cost
+
+    for da, dg, t in [(785, 1000, 1), (289, 32, 196), (31, 784, 1)]:
+        n = crossover(da, dg, t, 20.0)
+        assert woodbury_cost(n, da, dg, t) <= kronecker_cost(n, da, dg, t, 20.0)
+        assert woodbury_cost(n + 1, da, dg, t) > kronecker_cost(n + 1, da, dg, t, 20.0)
+
+
+def test_per_layer_choice():
+    model, layer, x, y, opt, ref = setup({"target": "tengrad", "default": "ekfac"}, "dense")
+    step(model, layer, x, y)
+    assert opt.curvature_for(layer).name == "tengrad"
+    assert opt.curvature_for(model.layers[-1]).name == "ekfac"
