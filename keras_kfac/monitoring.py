@@ -105,6 +105,11 @@ class StepMonitor:
 
     def _check_fidelity_layers(self, names):
         opt = self._optimizer_ref
+        if names and opt.fisher != "sampled":
+            raise ValueError(
+                "fidelity_layers needs KFAC(fisher='sampled'): the exact block is "
+                "computed through the sampled-Fisher pass's tape."
+            )
         known = {b.name: b for b in opt._blocks}
         for name in names:
             if name not in known:
@@ -283,24 +288,24 @@ class StepMonitor:
                 entry[f"{name}_max_eigenvalue"].assign(evals[-1])
                 entry[f"{name}_condition_number"].assign((evals[-1] + d) / (evals[0] + d))
         if self.fidelity_layers:
-            self._fidelity(step["old"])
+            self._fidelity()
         self.diagnostics_step.assign(opt.iterations + 1)
 
-    def _fidelity(self, values):
+    def _fidelity(self):
         """Relative Frobenius error of each named layer's approximate block
-        (``curvature_matrix``) against the exact GGN block of this batch at
-        the parameters the step started from."""
+        (``curvature_matrix``) against the exact GGN (= Fisher for the
+        sampled-Fisher losses on logits/linear outputs) block of this batch,
+        at the parameters the step started from."""
         # (keras_kfac.fidelity works eagerly on numpy batches; this runs in
         # the compiled step on the recorded batch.)
         opt = self._optimizer_ref
         objective = self.objective()
-        index = {opt._var_key(v): i for i, v in enumerate(objective.trainable)}
+        names = [b.name for b in opt._blocks]
         for name in self.fidelity_layers:
-            i = [b.name for b in opt._blocks].index(name)
-            block, curvature = opt._blocks[i], opt._curvatures[i]
-            indices = [index[opt._var_key(w)] for w in block.variables]
-            exact = quadratic.exact_ggn_block(objective, values, indices)
-            error = quadratic.relative_error(exact, tf.convert_to_tensor(curvature.matrix()))
+            i = names.index(name)
+            exact = quadratic.exact_ggn_block(objective, self._step["record"], opt._blocks[i])
+            approx = tf.convert_to_tensor(opt._curvatures[i].matrix())
+            error = quadratic.relative_error(exact, approx)
             self.layers[name]["fidelity_relative_error"].assign(tf.cast(error, tf.float32))
 
     # --- reading -------------------------------------------------------------

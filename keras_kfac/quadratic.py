@@ -189,44 +189,68 @@ def solve_step_coefficients(q, b):
     return alpha, mu, m
 
 
-def exact_ggn_block(objective, values, indices):
-    """The exact GGN block ``J_l^T H J_l`` on the batch for the parameters
-    ``values[i], i in indices`` (kernel then bias: the parameter order of the
-    conventions), by brute force: the output Jacobian ``J_l`` with
-    ``GradientTape.jacobian`` and the output Hessian ``H`` of the loss. For
-    small layers and outputs only (memory ``N*P + N^2`` with ``N`` the number
-    of output values in the batch). Single-output models.
+#: Largest number of output values per example for :func:`exact_ggn_block`.
+MAX_FIDELITY_OUTPUTS = 256
+
+
+def exact_ggn_block(objective, record, block):
+    """The exact GGN block of one layer on the step's batch, at the step's
+    parameters: ``F = sum_i J_i^T H_i J_i`` with ``H_i`` the Hessian of the
+    batch loss with respect to example i's output (the losses must not couple
+    examples), in the parameter order of the conventions.
+
+    With ``H_i = sum_k h_ik h_ik^T`` (eigendecomposition), ``J_i^T h_ik`` is
+    the per-example gradient of ``h_ik^T y_i``: one backward pass per output
+    value through the step's own persistent tape (``fisher="sampled"``) to
+    the layer's pre-activations, then ``sum_t a_bar_{i,t} g_{i,t}^T`` (Martens
+    & Grosse 2015, sec. 3; Grosse & Martens 2016 for convolutions). Memory is
+    that of the layer's per-example gradients.
     """
-    values = [tf.convert_to_tensor(v) for v in values]
-    params = [values[i] for i in indices]
+    from keras_kfac.curvature.base import LayerBatch, per_example_gradients
+
+    if record.tape is None:
+        raise ValueError("The exact Fisher block needs KFAC(fisher='sampled').")
+    outputs = tf.nest.flatten(record.outputs)
+    if len(outputs) != 1:
+        raise ValueError("The exact Fisher block supports single-output models.")
+    output = outputs[0]
+    dim = 1
+    for d in output.shape[1:]:
+        dim *= int(d)
+    if dim > MAX_FIDELITY_OUTPUTS:
+        raise ValueError(
+            f"The exact Fisher block needs one backward pass per output value; this "
+            f"model has {dim} per example (at most {MAX_FIDELITY_OUTPUTS})."
+        )
+    key = id(block.layer)
+    inputs, preactivations = record.inputs[key], record.preactivations[key]
+    y = tf.stop_gradient(_f32(output))
+    n = tf.shape(y)[0]
+    flat = tf.reshape(y, (n, dim))
+    values = objective.current_values()
     with objective.capture.paused():
-        with tf.GradientTape(persistent=True) as tape:
-            tape.watch(params)
-            with keras_backend.StatelessScope(
-                state_mapping=objective._mapping(values), collect_losses=True
-            ):
-                y_pred = objective._call()
-            outputs = tf.nest.flatten(y_pred)
-            if len(outputs) != 1:
-                raise ValueError("The exact GGN block supports single-output models.")
-            y_flat = tf.reshape(_f32(outputs[0]), (-1,))
-        jacobians = tape.jacobian(y_flat, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        del tape
-        count = tf.shape(y_flat)[0]
-        j = tf.concat([tf.reshape(_f32(t), (count, -1)) for t in jacobians], axis=1)
-        shape = tf.shape(outputs[0])
-        y0 = tf.stop_gradient(y_flat)
         with tf.GradientTape() as outer:
-            outer.watch(y0)
+            outer.watch(flat)
             with tf.GradientTape() as inner:
-                inner.watch(y0)
+                inner.watch(flat)
                 with keras_backend.StatelessScope(
                     state_mapping=objective._mapping(values), collect_losses=True
                 ):
-                    loss = objective._loss(tf.reshape(y0, shape))
-            grad = inner.gradient(loss, y0, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        hessian = outer.jacobian(grad, y0, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return tf.matmul(j, hessian @ j, transpose_a=True)
+                    loss = objective._loss(tf.cast(tf.reshape(flat, tf.shape(output)), output.dtype))
+            grad = inner.gradient(loss, flat, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        hessian = outer.batch_jacobian(grad, flat)
+    evals, evecs = tf.linalg.eigh(0.5 * (hessian + tf.transpose(hessian, (0, 2, 1))))
+    roots = evecs * tf.sqrt(tf.maximum(evals, 0.0))[:, None, :]
+    a = LayerBatch(block, inputs, []).a()
+    total = tf.zeros((block.num_parameters, block.num_parameters))
+    for k in range(dim):
+        dy = tf.cast(tf.reshape(roots[:, :, k], tf.shape(output)), output.dtype)
+        grads = record.tape.gradient(output, preactivations, output_gradients=dy)
+        parts = [block.output_gradients(g) for g in grads]
+        g = parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
+        u = tf.reshape(per_example_gradients(a, g), (n, -1))
+        total += tf.matmul(u, u, transpose_a=True)
+    return total
 
 
 def relative_error(exact, approx):
