@@ -8,6 +8,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_kfac  # noqa: E402
@@ -229,3 +230,31 @@ def test_monitor_and_adaptive_damping_with_jit_compile_and_steps_per_execution(t
     assert all(np.isfinite(v) for _, v in events["kfac/rho"])
     assert np.isfinite(history.history["loss"]).all()
     assert history.history["damping"][-1] != 1e-3  # adapted
+
+
+@pytest.mark.slow
+def test_tensorboard_monitoring_example_quick(tmp_path_factory):
+    """examples/tensorboard_monitoring.py --quick end to end: the curves are
+    written and read back, and the tensorboard command is printed."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    raw = os.path.join(repo, os.pardir, "shared", "datasets", "fashion-mnist")
+    if not os.path.isdir(raw):
+        pytest.skip(f"raw Fashion-MNIST files not found: {os.path.abspath(raw)} is absent")
+    data_dir = tmp_path_factory.getbasetemp() / "keras_kfac_tfds"
+    log_dir = tmp_path_factory.mktemp("tb")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(repo, "examples", "tensorboard_monitoring.py"), "--quick",
+         "--verbose", "2", "--data-dir", str(data_dir), "--log-dir", str(log_dir)],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert f"tensorboard --logdir {log_dir}" in proc.stdout
+    events = read_events(os.path.join(str(log_dir), "train"))
+    assert [s for s, _ in events["kfac/rho"]] == [2, 4]
+    assert "kfac_layers/conv1/fidelity_relative_error" in events
+    assert any(tag.startswith("epoch_") for tag in events)
