@@ -37,6 +37,22 @@ def rearrange(f, da, dg):
     return f.reshape(da, dg, da, dg).transpose(0, 2, 1, 3).reshape(da * da, dg * dg)
 
 
+def symmetric_projector(d):
+    """The orthogonal projector onto vec(symmetric (d, d) matrices)."""
+    eye = np.eye(d * d)
+    swap = eye.reshape(d, d, d, d).transpose(1, 0, 2, 3).reshape(d * d, d * d)
+    return 0.5 * (eye + swap)
+
+
+def symmetric_top_pairs(f, da, dg, k):
+    """``sum_{i<k} s_i vec(A_i) vec(G_i)^T``: the top k singular pairs of
+    R(F) restricted to symmetric A_i, G_i (R(F) maps symmetric to symmetric
+    and skew to skew; the curvature methods use the symmetric pairs)."""
+    r = symmetric_projector(da) @ rearrange(f, da, dg) @ symmetric_projector(dg)
+    u, s, vt = np.linalg.svd(r)
+    return sum(s[i] * np.outer(u[:, i], vt[i]) for i in range(k))
+
+
 def dense_solve(matrix, v, damping=0.0):
     """``(matrix + damping I)^-1 v`` in float64."""
     m = np.asarray(matrix, np.float64)

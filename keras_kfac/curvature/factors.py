@@ -213,6 +213,14 @@ class RearrangedFisher:
     the rearrangement of the running average ``decay F_old + (1 - decay)
     F_batch`` with ``F_old`` replaced by its previous Kronecker-sum estimate;
     negative terms deflate (deflation, KFAC-corrected's residual).
+
+    R(F) maps symmetric matrices to symmetric ones and skew to skew. Pairs are
+    sought among symmetric matrices only: outputs are symmetrized, so the
+    operator is R restricted to them (roundoff cannot grow a skew part). The
+    top pair is symmetric anyway (and PSD for PSD F, Van Loan & Pitsianis
+    1993); a skew pair ``kron(S_a, S_g)`` (symmetric, and sometimes the second
+    singular pair of R(F)) has no real simultaneous diagonalization with the
+    first, so the two-term methods use the best symmetric second pair.
     """
 
     def __init__(self, a, g, weight=1.0, terms=()):
@@ -242,7 +250,7 @@ class RearrangedFisher:
         y = self.weight * y
         for c, left, right in self.terms:
             y = y + c * tf.reduce_sum(right * x) * left
-        return y
+        return symmetrize(y)
 
     def rmatvec(self, y):
         """``R^T vec(Y)`` as a (g_dim, g_dim) matrix, for Y of (a_dim, a_dim)."""
@@ -254,7 +262,7 @@ class RearrangedFisher:
         x = self.weight * x
         for c, left, right in self.terms:
             x = x + c * tf.reduce_sum(left * y) * right
-        return x
+        return symmetrize(x)
 
 
 def _unit(x):
