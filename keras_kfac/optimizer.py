@@ -198,6 +198,12 @@ class KFAC(keras.optimizers.Optimizer):
             self._capture.remove()
         # A weak reference: the model owns the optimizer, not the other way
         # round (no checkpoint dependency, no reference cycle).
+        if self.fisher == "sampled" and len(getattr(model, "outputs", None) or []) > 1:
+            raise ValueError(
+                f"fisher='sampled' supports models with one output; {model.name!r} has "
+                f"{len(model.outputs)}. Use KFAC(fisher='empirical'), which works with "
+                "several outputs and losses."
+            )
         self._model_ref = weakref.ref(model)
         self._capture = Capture(model, sampled=self.fisher == "sampled")
 
@@ -304,8 +310,24 @@ class KFAC(keras.optimizers.Optimizer):
 
     @property
     def skipped_steps(self):
-        """Steps skipped because gradients or statistics were not finite."""
+        """Steps skipped because gradients, statistics or the update were not
+        finite."""
         return self._skipped_steps.value
+
+    def damping_multiplier(self, layer):
+        """The damping multiplier of ``layer``'s block (1 unless a refresh of
+        its inverse failed; see ``keras_kfac.curvature.kfac``)."""
+        curvature = self.curvature_for(layer)
+        curvature = getattr(curvature, "kfac", None) or curvature  # "auto"
+        multiplier = getattr(curvature, "damping_multiplier", None)
+        return tf.constant(1.0) if multiplier is None else multiplier.value
+
+    def _skip_step(self):
+        """A skipped step changes nothing and does not count as a step: Keras
+        adds 1 to ``iterations`` after ``apply``, so it is taken back here
+        (as LossScaleOptimizer leaves its inner optimizer's counter alone)."""
+        self._skipped_steps.assign_add(1)
+        self._iterations.assign_sub(1)
 
     # --- the update ------------------------------------------------------------
     def _apply_weight_decay(self, variables):
@@ -321,26 +343,35 @@ class KFAC(keras.optimizers.Optimizer):
             damping = self.damping
             record = None if self._capture is None else self._capture.current()
             self._monitor.begin(grads, variables, record)
-            directions = self._natural_directions(grads, variables, learning_rate)
-            pairs = [
-                (d, v.value if isinstance(v, keras.Variable) else v)
-                for d, v in zip(directions, variables)
-            ]
-            tf.__internal__.distribute.interim.maybe_merge_call(
-                self._distributed_tf_update_step, self._distribution_strategy, pairs, learning_rate
-            )
-            self._monitor.end(grads, variables, damping)
+            directions, ok = self._natural_directions(grads, variables, learning_rate)
+            # Never write NaN/Inf into the weights (e.g. damping 0 on a
+            # singular factor): such a step is skipped too.
+            ok = ok & tf.reduce_all([tf.reduce_all(tf.math.is_finite(d)) for d in directions])
+
+            def apply():
+                pairs = [
+                    (d, v.value if isinstance(v, keras.Variable) else v)
+                    for d, v in zip(directions, variables)
+                ]
+                tf.__internal__.distribute.interim.maybe_merge_call(
+                    self._distributed_tf_update_step, self._distribution_strategy, pairs, learning_rate
+                )
+                self._monitor.end(grads, variables, damping)
+
+            _run_if(ok, apply)
+            _run_if(tf.logical_not(ok), self._skip_step)
 
         _run_if(finite, step)
-        _run_if(tf.logical_not(finite), lambda: self._skipped_steps.assign_add(1))
+        _run_if(tf.logical_not(finite), self._skip_step)
         if self._capture is not None:
             self._capture.clear()
 
     def _natural_directions(self, grads, variables, learning_rate):
         """Preconditioned, KL-clipped directions for block variables; raw
-        gradients for fallback variables."""
+        gradients for fallback variables; and whether this step's statistics
+        were finite (if not, nothing was updated and the step is skipped)."""
         if not self._blocks:
-            return list(grads)
+            return list(grads), tf.constant(True)
         record = self._capture.current()
         if record is None:
             raise ValueError(
@@ -356,15 +387,23 @@ class KFAC(keras.optimizers.Optimizer):
 
         def update_statistics():
             batches = current if current is not None else self._batches(record)
-            decay = tf.where(self._stats_updates > 0, self.stats_decay, 0.0)
-            for curvature, batch in zip(self._curvatures, batches):
-                if batch is not None:
-                    curvature.update_statistics(batch, decay)
-            self._stats_updates.assign_add(1)
+            ok = _statistics_finite(batches)
 
-        _run_if(tf.equal(step % self.stats_every, 0), update_statistics)
+            def apply():
+                decay = tf.where(self._stats_updates > 0, self.stats_decay, 0.0)
+                for curvature, batch in zip(self._curvatures, batches):
+                    if batch is not None:
+                        curvature.update_statistics(batch, decay)
+                self._stats_updates.assign_add(1)
+
+            _run_if(ok, apply)
+            return ok
+
+        stats_ok = tf.cond(
+            tf.equal(step % self.stats_every, 0), update_statistics, lambda: tf.constant(True)
+        )
         _run_if(
-            tf.equal(step % self.inverse_every, 0) & (self._stats_updates > 0),
+            tf.equal(step % self.inverse_every, 0) & (self._stats_updates > 0) & stats_ok,
             lambda: [c.refresh(damping) for c in self._curvatures],
         )
 
@@ -378,13 +417,16 @@ class KFAC(keras.optimizers.Optimizer):
             inner.append(tf.reduce_sum(v * p))
         if self.adaptive_step:
             self._monitor.note_preconditioning(matrices, preconditioned, tf.constant(1.0))
-            return self._monitor.adaptive_directions(grads, variables, position, preconditioned, damping)
+            directions = self._monitor.adaptive_directions(
+                grads, variables, position, preconditioned, damping
+            )
+            return directions, stats_ok
         scale = self._kl_scale(tf.add_n(inner), learning_rate)
         self._monitor.note_preconditioning(matrices, preconditioned, scale)
         for block, p in zip(self._blocks, preconditioned):
             for w, d in zip(block.variables, block.from_matrix(scale * p)):
                 directions[position[self._var_key(w)]] = tf.cast(d, w.dtype)
-        return directions
+        return directions, stats_ok
 
     def _kl_scale(self, grad_dot_update, learning_rate):
         """Ba et al. 2017: ``nu = min(1, sqrt(kl_clip / (lr^2 <g, P g>)))``."""
@@ -558,6 +600,19 @@ class KFAC(keras.optimizers.Optimizer):
         if isinstance(config.get("loss"), dict):
             config["loss"] = keras.losses.deserialize(config["loss"], custom_objects=custom_objects)
         return super().from_config(config, custom_objects=custom_objects)
+
+
+def _statistics_finite(batches):
+    """True when every layer's ``a`` and ``g`` have a finite sum of squares:
+    no NaN/Inf, and no factor entry can overflow float32 (each is bounded by
+    that sum, e.g. ``|A_ij| <= sum a^2 / n``)."""
+    checks = [
+        tf.math.is_finite(tf.reduce_sum(tf.square(t)))
+        for batch in batches
+        if batch is not None
+        for t in (batch.a(), batch.g())
+    ]
+    return tf.reduce_all(checks) if checks else tf.constant(True)
 
 
 def _validate(

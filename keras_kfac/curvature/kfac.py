@@ -9,12 +9,22 @@ Damping (sec. 6.3):
 * ``"eigen"``: ``P(V) = Qa [(Qa^T V Qg) / (sa sg^T + lambda)] Qg^T``, the exact
   ``(kron(A, G) + lambda I)^-1``; eigenbases at each refresh, damping applied
   at every step.
+
+Per-layer damping multiplier ``m`` (a saved variable, 1 at the start): the
+layer uses damping ``lambda * m``. A refresh whose inverses (or eigenvalues)
+are not finite, e.g. the Cholesky factorization of a near-singular factor
+whose damping is below float32 resolution, keeps the previous inverses (both
+of them, so they stay a pair) and multiplies ``m`` by ``DAMPING_RAISE``; the
+next refresh retries with the larger damping. ``m`` is never lowered.
 """
 
 import tensorflow as tf
 
 from keras_kfac.curvature import factors as F
 from keras_kfac.curvature.base import Curvature, factor_a, factor_g
+
+#: Factor by which a failed refresh raises its layer's damping multiplier.
+DAMPING_RAISE = 10.0
 
 
 class KroneckerFactors(Curvature):
@@ -50,25 +60,35 @@ class KFAC(KroneckerFactors):
             self.a_evals = add_variable("A_eigenvalues", (da,))
             self.g_evecs = add_variable("G_eigenvectors", (dg, dg))
             self.g_evals = add_variable("G_eigenvalues", (dg,))
+        self.damping_multiplier = add_variable("damping_multiplier", (), initializer="ones")
 
     def refresh(self, damping):
+        multiplier = self.damping_multiplier
         if self.damping_mode == "factored":
-            damping_a, damping_g = F.factored_damping(self.a, self.g, damping)
-            ok_a = F.assign_if_finite(self.a_inverse, F.damped_inverse(self.a, damping_a))
-            ok_g = F.assign_if_finite(self.g_inverse, F.damped_inverse(self.g, damping_g))
-            return ok_a & ok_g
-        ok = F.all_finite(self.a) & F.all_finite(self.g)
-        for factor, evals, evecs in (
-            (self.a, self.a_evals, self.a_evecs),
-            (self.g, self.g_evals, self.g_evecs),
-        ):
-            values, vectors = F.safe_eigh(factor)
-            evals.assign(tf.where(ok, values, evals))
-            evecs.assign(tf.where(ok, vectors, evecs))
+            damping_a, damping_g = F.factored_damping(self.a, self.g, damping * multiplier)
+            a_inverse = F.damped_inverse(self.a, damping_a)
+            g_inverse = F.damped_inverse(self.g, damping_g)
+            ok = F.all_finite(a_inverse) & F.all_finite(g_inverse)
+            self.a_inverse.assign(tf.where(ok, a_inverse, self.a_inverse))
+            self.g_inverse.assign(tf.where(ok, g_inverse, self.g_inverse))
+        else:
+            ok = F.all_finite(self.a) & F.all_finite(self.g)
+            updates = []
+            for factor, evals, evecs in (
+                (self.a, self.a_evals, self.a_evecs),
+                (self.g, self.g_evals, self.g_evecs),
+            ):
+                values, vectors = F.safe_eigh(factor)
+                updates.append((evals, values, evecs, vectors))
+            ok = ok & tf.reduce_all([F.all_finite(t) for u in updates for t in (u[1], u[3])])
+            for evals, values, evecs, vectors in updates:
+                evals.assign(tf.where(ok, values, evals))
+                evecs.assign(tf.where(ok, vectors, evecs))
+        multiplier.assign(tf.where(ok, multiplier, multiplier * DAMPING_RAISE))
         return ok
 
     def precondition(self, v, damping, batch=None):
         if self.damping_mode == "factored":
             return self.a_inverse @ v @ self.g_inverse
-        scale = self.a_evals[:, None] * self.g_evals[None, :] + damping
+        scale = self.a_evals[:, None] * self.g_evals[None, :] + damping * self.damping_multiplier
         return F.eigenbasis_solve(v, self.a_evecs, self.g_evecs, scale)
