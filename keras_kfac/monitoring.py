@@ -129,11 +129,18 @@ class StepMonitor:
         parameters when ``rho`` or diagnostics are traced."""
         opt = self._optimizer_ref
         self.traced_features = self.features()
-        self._step = {"record": record, "objective": None}
+        # The damping of this step, read now (a variable's value is read
+        # where it is used, which could be after the LM rule changed it).
+        damping = tf.identity(tf.convert_to_tensor(opt.damping))
+        self._step = {"record": record, "objective": None, "damping": damping}
         step = opt.iterations
         rho_now = tf.constant(False)
         if self.rho_enabled:
-            rho_now = (self.rho_every > 0) & tf.equal(step % tf.maximum(self.rho_every, 1), 0)
+            # Steps every, 2*every, ... (1-based, like the logging steps, so
+            # that with update_freq a multiple of every no pass is repeated).
+            rho_now = (self.rho_every > 0) & tf.equal(
+                (step + 1) % tf.maximum(self.rho_every, 1), 0
+            )
         diag_now = tf.constant(False)
         if self.diagnostics_enabled:
             diag_now = (self.diagnostics_every > 0) & tf.equal(
@@ -182,6 +189,7 @@ class StepMonitor:
         delta_prev)`` with ``Delta = -P(grad)``, ``delta_prev`` the previous
         update, and ``(alpha, mu)`` minimising the exact quadratic model."""
         opt = self._optimizer_ref
+        damping = self._step["damping"]
         model_vars = opt._model().trainable_variables
         index = {opt._var_key(v): i for i, v in enumerate(model_vars)}
         natural = [tf.zeros(v.shape, tf.float32) for v in model_vars]
@@ -214,6 +222,7 @@ class StepMonitor:
             self._step = None
             return
         step = self._step
+        damping = step["damping"]
         opt = self._optimizer_ref
         model_vars = opt._model().trainable_variables
         new = [v.value for v in model_vars]
@@ -241,7 +250,10 @@ class StepMonitor:
                 adapted = quadratic.levenberg_marquardt(
                     opt._damping, rho, self.damping_decay, self.min_damping, self.max_damping
                 )
-                opt._damping.assign(tf.where(self.rho_adapts_damping, adapted, opt._damping))
+                # Only on AdaptiveDamping's steps (rho is also computed on
+                # logging steps, for the curve).
+                adapt = self.rho_adapts_damping & step["rho_now"]
+                opt._damping.assign(tf.where(adapt, adapted, opt._damping))
 
         # rho on AdaptiveDamping's steps, and on logging steps when the batch
         # loss can be re-evaluated (model.compute_loss was called).

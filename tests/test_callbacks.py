@@ -179,7 +179,7 @@ def test_diagnostics_in_a_hand_written_loop():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(16, 4)).astype("float32")
     y = rng.integers(0, 3, 16)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="dense")])
     opt = keras_kfac.KFAC(model=model, fisher="empirical", momentum=0.0, kl_clip=None, learning_rate=0.1)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     opt.build(model.trainable_variables)
@@ -258,3 +258,28 @@ def test_tensorboard_monitoring_example_quick(tmp_path_factory):
     assert [s for s, _ in events["kfac/rho"]] == [2, 4]
     assert "kfac_layers/conv1/fidelity_relative_error" in events
     assert any(tag.startswith("epoch_") for tag in events)
+
+
+def test_damping_adapts_only_every_steps_while_rho_is_logged_each_step(tmp_path):
+    """AdaptiveDamping(every=4) with logging every step: rho is written at
+    every step but the LM rule runs on steps 4 and 8 only (linear regression:
+    rho ~ 1, so the damping halves twice)."""
+    from keras_kfac.callbacks import AdaptiveDamping
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(32, 3)).astype("float32")
+    y = (x @ rng.normal(size=(3, 1)) + 0.5 * rng.normal(size=(32, 1))).astype("float32")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    opt = keras_kfac.KFAC(damping=1e-2)
+    model.compile(opt, loss="mse")
+    model.fit(
+        x, y, batch_size=32, epochs=8, verbose=0,
+        callbacks=[CurvatureMonitor(str(tmp_path), update_freq=1), AdaptiveDamping(every=4, decay=0.5)],
+    )
+    events = read_events(os.path.join(str(tmp_path), "train"))
+    rho = dict(events["kfac/rho"])
+    assert sorted(rho) == list(range(1, 9))
+    assert all(0.75 < r < 1.01 for r in rho.values())
+    logged = dict(events["kfac/damping"])  # the damping each step used
+    np.testing.assert_allclose([logged[s] for s in range(1, 9)], [1e-2] * 4 + [5e-3] * 4, rtol=1e-6)
+    np.testing.assert_allclose(float(opt.damping), 2.5e-3, rtol=1e-6)
