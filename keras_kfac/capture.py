@@ -232,13 +232,19 @@ class Capture:
     def clear(self):
         self._record = None
 
-    def batches(self, record, blocks, sampled_loss=None, seed=None, loss_scale=None):
+    def batches(self, record, blocks, sampled_loss=None, seed=None, loss_scale=None, replicas=None):
         """One :class:`LayerBatch` per block (None for a block the step did
         not use).
 
         Empirical: recorded ``dL/ds`` of the batch-mean loss, rescaled to
         per-example gradients by ``n / loss_scale``. Sampled: a second backward
         pass of sampled-target output gradients through the persistent tape.
+
+        ``replicas`` (:class:`keras_kfac.distributed.Replicas`, under a
+        tf.distribute strategy with several replicas): Keras scales each
+        replica's loss by ``1/num_replicas``, so the empirical rescaling is
+        ``n_local * num_replicas``; sampled targets are drawn for the gathered
+        global batch's outputs and each replica keeps its own rows.
         """
         keys = [id(block.layer) for block in blocks]
         if sampled_loss is None:
@@ -250,6 +256,8 @@ class Capture:
                     batches.append(None)
                     continue
                 n = tf.cast(tf.shape(inputs[0])[0], tf.float32)
+                if replicas is not None:
+                    n = n * replicas.num_replicas
                 scale = n if loss_scale is None else n / loss_scale
                 batches.append(LayerBatch(block, inputs, grads, scale))
             return batches
@@ -260,7 +268,11 @@ class Capture:
                 f"has {len(outputs)}. Use KFAC(fisher='empirical')."
             )
         output = outputs[0]
-        dy = sampled_loss.output_gradient(output, seed)
+        if replicas is None:
+            dy = sampled_loss.output_gradient(output, seed)
+        else:
+            dy = sampled_loss.output_gradient(replicas.gather(output), seed)
+            dy = replicas.local_rows(dy, tf.shape(output)[0])
         if loss_scale is not None:
             dy = dy * loss_scale
         targets = [s for key in keys for s in record.preactivations.get(key, [])]
