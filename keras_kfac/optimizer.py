@@ -14,6 +14,7 @@ import tensorflow as tf
 from keras.src.optimizers.loss_scale_optimizer import LossScaleOptimizer
 
 from keras_kfac import curvature as curvature_lib
+from keras_kfac import distributed
 from keras_kfac.capture import Capture, candidate_layers
 from keras_kfac.layers import block_for_layer, unsupported_reason
 from keras_kfac.losses import SampledLoss
@@ -174,6 +175,7 @@ class KFAC(keras.optimizers.Optimizer):
             self._track_variable(self._seed_generator.state)
         self._model_ref = None
         self._capture = None
+        self._replicas = None  # keras_kfac.distributed.Replicas during a replicated step
         self._blocks = []
         self._curvatures = []
         self._fallback_keys = set()
@@ -239,6 +241,12 @@ class KFAC(keras.optimizers.Optimizer):
             return
         super().build(variables)
         model = self._find_model()
+        if tf.distribute.has_strategy():
+            distributed.check_supported(
+                tf.distribute.get_strategy(),
+                jit_compile=getattr(model, "jit_compile", False) is True,
+                run_eagerly=bool(getattr(model, "run_eagerly", False)),
+            )
         keys = {self._var_key(v): v for v in variables}
         self._blocks, self._curvatures, self._unsupported = [], [], []
         for layer in candidate_layers(model):
@@ -251,10 +259,12 @@ class KFAC(keras.optimizers.Optimizer):
             method = curvature_lib.get(self._curvature_name(layer))
             curvature = method(block, damping_mode=self.damping_mode, **self.curvature_options)
 
-            def add_variable(name, shape, block=block, initializer="zeros"):
-                return self.add_variable(
+            def add_variable(name, shape, block=block, curvature=curvature, initializer="zeros"):
+                variable = self.add_variable(
                     shape, initializer=initializer, dtype="float32", name=f"{block.name}_{name}"
                 )
+                curvature.built_variables = getattr(curvature, "built_variables", []) + [variable]
+                return variable
 
             curvature.build(add_variable)
             self._blocks.append(block)
@@ -327,7 +337,9 @@ class KFAC(keras.optimizers.Optimizer):
         adds 1 to ``iterations`` after ``apply``, so it is taken back here
         (as LossScaleOptimizer leaves its inner optimizer's counter alone)."""
         self._skipped_steps.assign_add(1)
-        self._iterations.assign_sub(1)
+        # iterations is aggregated "only_first_replica"; under a strategy every
+        # replica skips alike and takes back its own copy (no merge_call).
+        distributed.local_copy(self._iterations).assign_sub(1)
 
     # --- the update ------------------------------------------------------------
     def _apply_weight_decay(self, variables):
@@ -336,6 +348,16 @@ class KFAC(keras.optimizers.Optimizer):
         return
 
     def _backend_update_step(self, grads, variables, learning_rate):
+        # Under a tf.distribute strategy: collectives without merge_call, and
+        # the global batch's statistics (see keras_kfac.distributed).
+        with distributed.replica_step() as replicas:
+            self._replicas = replicas
+            try:
+                self._update_step_in_replica(grads, variables, learning_rate)
+            finally:
+                self._replicas = None
+
+    def _update_step_in_replica(self, grads, variables, learning_rate):
         grads = [g for g, _ in self._all_reduce_sum_gradients(list(zip(grads, variables)))]
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
 
@@ -404,7 +426,7 @@ class KFAC(keras.optimizers.Optimizer):
         )
         _run_if(
             tf.equal(step % self.inverse_every, 0) & (self._stats_updates > 0) & stats_ok,
-            lambda: [c.refresh(damping) for c in self._curvatures],
+            lambda: distributed.refresh(self._replicas, self._curvatures, damping),
         )
 
         directions = list(grads)
@@ -437,13 +459,18 @@ class KFAC(keras.optimizers.Optimizer):
         return tf.where(grad_dot_update > 0.0, tf.minimum(1.0, tf.sqrt(bound)), 1.0)
 
     def _batches(self, record):
-        return self._capture.batches(
+        replicas = getattr(self, "_replicas", None)
+        batches = self._capture.batches(
             record,
             self._blocks,
             sampled_loss=self._sampled_loss,
             seed=self._seed_generator,
             loss_scale=self._loss_scale(),
+            replicas=replicas,
         )
+        if replicas is not None:
+            batches = replicas.gather_batches(batches)
+        return batches
 
     def _loss_scale(self):
         """The dynamic loss scale when a LossScaleOptimizer wraps this one."""

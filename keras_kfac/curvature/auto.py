@@ -111,6 +111,9 @@ class Auto(Curvature):
         if self.kfac is not None:
             self.kfac.refresh(damping)
 
+    def refresh_state(self):
+        return [] if self.kfac is None else self.kfac.refresh_state()
+
     def precondition(self, v, damping, batch=None):
         if self.tengrad is None:
             return self.kfac.precondition(v, damping)

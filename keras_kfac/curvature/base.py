@@ -109,3 +109,11 @@ class Curvature:
     def factors(self):
         """Named Kronecker factors, for diagnostics (empty when none)."""
         return {}
+
+    def refresh_state(self):
+        """The variables ``refresh`` writes. Under a tf.distribute strategy
+        one replica refreshes a block and these are shared with the others
+        (:func:`keras_kfac.distributed.refresh`). Default: every variable the
+        estimator built (always correct); methods whose ``refresh`` does
+        nothing return ``[]``."""
+        return list(getattr(self, "built_variables", []))

@@ -36,6 +36,9 @@ class CGFAC(Curvature):
     def refresh(self, damping):
         pass
 
+    def refresh_state(self):
+        return []
+
     def precondition(self, v, damping, batch=None):
         a, g = batch.a(), batch.g()
         x, _ = F.conjugate_gradient(

@@ -22,6 +22,9 @@ class Diagonal(Curvature):
     def refresh(self, damping):
         pass
 
+    def refresh_state(self):
+        return []
+
     def precondition(self, v, damping, batch=None):
         return v / (self.s + damping)
 

@@ -57,6 +57,9 @@ class EKFAC(KroneckerFactors):
         self.has_basis.assign(tf.where(ok, 1.0, self.has_basis))
         return ok
 
+    def refresh_state(self):
+        return [self.qa, self.qg, self.s, self.has_basis]
+
     def precondition(self, v, damping, batch=None):
         return F.eigenbasis_solve(v, self.qa, self.qg, self.s + damping)
 

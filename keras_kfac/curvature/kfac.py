@@ -87,6 +87,13 @@ class KFAC(KroneckerFactors):
         multiplier.assign(tf.where(ok, multiplier, multiplier * DAMPING_RAISE))
         return ok
 
+    def refresh_state(self):
+        if self.damping_mode == "factored":
+            state = [self.a_inverse, self.g_inverse]
+        else:
+            state = [self.a_evecs, self.a_evals, self.g_evecs, self.g_evals]
+        return state + [self.damping_multiplier]
+
     def precondition(self, v, damping, batch=None):
         if self.damping_mode == "factored":
             return self.a_inverse @ v @ self.g_inverse

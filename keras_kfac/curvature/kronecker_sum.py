@@ -73,6 +73,9 @@ class TwoKroneckerTerms(Curvature):
             var.assign(tf.where(ok, value, var))
         return ok
 
+    def refresh_state(self):
+        return [self.k1, self.k2, self.scale]
+
     def precondition(self, v, damping, batch=None):
         return F.eigenbasis_solve(v, self.k1, self.k2, self.scale)
 

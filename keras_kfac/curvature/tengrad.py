@@ -35,6 +35,9 @@ class TENGraD(Curvature):
     def refresh(self, damping):
         pass
 
+    def refresh_state(self):
+        return []
+
     def precondition(self, v, damping, batch=None):
         return F.woodbury_solve(batch.a(), batch.g(), v, damping)
 
