@@ -273,13 +273,12 @@ class Capture:
         else:
             dy = sampled_loss.output_gradient(replicas.gather(output), seed)
             dy = replicas.local_rows(dy, tf.shape(output)[0])
-        if loss_scale is not None:
-            dy = dy * loss_scale
+        # Per-example output gradients are O(1), safe in float16 without a
+        # loss scale (which would overflow the float16 backward pass).
         targets = [s for key in keys for s in record.preactivations.get(key, [])]
         grads = record.tape.gradient(
             output, targets, output_gradients=tf.cast(dy, output.dtype)
         )
-        scale = 1.0 if loss_scale is None else 1.0 / loss_scale
         batches, k = [], 0
         for block, key in zip(blocks, keys):
             inputs = record.inputs.get(key, [])
@@ -288,5 +287,5 @@ class Capture:
             if not inputs or any(g is None for g in uses):
                 batches.append(None)
             else:
-                batches.append(LayerBatch(block, inputs, uses, scale))
+                batches.append(LayerBatch(block, inputs, uses))
         return batches

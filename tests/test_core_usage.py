@@ -268,20 +268,22 @@ def test_save_and_load_restores_optimizer_state(tmp_path):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_mixed_float16_keeps_float32_factors_and_unscales():
+@pytest.mark.parametrize("fisher", ["empirical", "sampled"])
+def test_mixed_float16_keeps_float32_factors_and_unscales(fisher):
     x, y = classification_data()
     keras.config.set_dtype_policy("mixed_float16")
     try:
         keras.utils.set_random_seed(0)
         model = keras.Sequential(
-            [keras.Input((6,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3, dtype="float32")]
+            [keras.Input((6,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)]
         )
-        opt = keras_kfac.KFAC(fisher="empirical")
+        opt = keras_kfac.KFAC(fisher=fisher)
         model.compile(optimizer=opt, loss=SCCE)
         losses = fit_loss(model, x, y)
     finally:
         keras.config.set_dtype_policy("float32")
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert int(opt.skipped_steps) == 0  # no float16 overflow in the statistics
     assert losses[-1] < 0.6 * losses[0]
     G = opt.curvature_for(model.layers[-1]).g
     assert G.dtype == "float32"

@@ -1,0 +1,130 @@
+"""Shared benchmark machinery: wall-clock budgets, periodic evaluation with the
+clock stopped, JSON/CSV logs and matplotlib plots.
+
+Timing excludes the first (compiling) step and every evaluation; step times
+are reported as medians. Every optimizer of a suite runs in the same process
+from the same initial weights on the same batches, so ratios are comparable.
+"""
+
+import csv
+import json
+import os
+import platform
+import statistics
+import time
+
+import keras
+import numpy as np
+
+RESULTS = os.environ.get(
+    "KERAS_KFAC_RESULTS", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+)
+
+
+class BudgetLogger(keras.callbacks.Callback):
+    """Stops training after ``budget`` seconds of (timed) training and
+    evaluates ``evaluate()`` every ``eval_every`` seconds of training time,
+    with the clock stopped. Records (step, seconds, metrics) rows."""
+
+    def __init__(self, budget, eval_every, evaluate, max_steps=None):
+        super().__init__()
+        self.budget = budget
+        self.eval_every = eval_every
+        self.evaluate = evaluate
+        self.max_steps = max_steps
+
+    def on_train_begin(self, logs=None):
+        self.step = 0
+        self.elapsed = 0.0
+        self.step_times = []
+        self.rows = []
+        self._next_eval = 0.0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        dt = time.perf_counter() - self._start
+        self.step += 1
+        if self.step == 1:
+            self.first_step_seconds = dt  # compile: excluded from the clock
+        else:
+            self.elapsed += dt
+            self.step_times.append(dt)
+        if self.step == 1 or self.elapsed >= self._next_eval:
+            self._log()
+            self._next_eval = self.elapsed + self.eval_every
+        out_of_steps = self.max_steps is not None and self.step >= self.max_steps
+        if self.elapsed >= self.budget or out_of_steps or not np.isfinite(logs.get("loss", 0.0)):
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if not self.rows or self.rows[-1]["step"] != self.step:
+            self._log()
+
+    def _log(self):
+        row = {"step": self.step, "seconds": self.elapsed}
+        row.update(self.evaluate())
+        self.rows.append(row)
+
+    def summary(self):
+        return {
+            "steps": self.step,
+            "seconds": self.elapsed,
+            "median_step_ms": 1000 * statistics.median(self.step_times) if self.step_times else float("nan"),
+            "first_step_s": getattr(self, "first_step_seconds", float("nan")),
+            "final": self.rows[-1],
+        }
+
+
+def time_to_reach(rows, key, target):
+    """First logged (seconds, step) at which ``rows[key] <= target``."""
+    for row in rows:
+        if row[key] <= target:
+            return row["seconds"], row["step"]
+    return None, None
+
+
+def machine():
+    return f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, no GPU"
+
+
+def write_results(name, payload, runs, x_key="seconds", y_key="train_loss", y_label=None, log_y=False):
+    """``results/<name>.json``, ``<name>.csv`` (all logged rows) and
+    ``<name>_time.png`` / ``<name>_steps.png`` (one line per run)."""
+    os.makedirs(RESULTS, exist_ok=True)
+    stem = os.path.join(RESULTS, name)
+    payload = dict(payload, machine=machine(), runs=runs)
+    with open(stem + ".json", "w") as f:
+        json.dump(payload, f, indent=1, default=float)
+    with open(stem + ".csv", "w", newline="") as f:
+        keys = sorted({k for run in runs.values() for row in run["rows"] for k in row})
+        writer = csv.DictWriter(f, fieldnames=["run"] + keys)
+        writer.writeheader()
+        for label, run in runs.items():
+            for row in run["rows"]:
+                writer.writerow(dict(row, run=label))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plots")
+        return
+    for axis, xlabel in (("seconds", "training wall time (s)"), ("step", "steps")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, run in runs.items():
+            xs = [row[axis] for row in run["rows"]]
+            ys = [row[y_key] for row in run["rows"]]
+            ax.plot(xs, ys, label=label, linewidth=1.5)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(y_label or y_key)
+        if log_y:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.set_title(name.replace("_", " "))
+        fig.tight_layout()
+        fig.savefig(f"{stem}_{'time' if axis == 'seconds' else 'steps'}.png", dpi=110)
+        plt.close(fig)

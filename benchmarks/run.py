@@ -1,0 +1,343 @@
+"""Benchmarks of keras_kfac against Adam and SGD. Run by hand, one suite per
+command; results (JSON, CSV, PNG, Markdown) go to ``benchmarks/results/``.
+
+    python benchmarks/run.py autoencoder            # MNIST deep autoencoder (sigmoid)
+    python benchmarks/run.py autoencoder --relu     # the ReLU variant
+    python benchmarks/run.py convnet --batch 128    # Fashion-MNIST convnet
+    python benchmarks/run.py overhead --batch 1000  # time per step / memory per method
+    python benchmarks/run.py autoencoder --quick     # smoke mode, well under a minute
+
+``--budget`` is the training wall-clock per optimizer (seconds, excluding the
+first compiled step and evaluations); ``--optimizers`` restricts the runs.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_kfac  # noqa: E402
+from harness import BudgetLogger, RESULTS, machine, time_to_reach, write_results  # noqa: E402
+from keras_kfac import datasets  # noqa: E402
+from mnist_autoencoder import PIXELS, make_loss  # noqa: E402
+
+# The methods whose cost is dominated by dense work on the full block for
+# 1000-wide layers; they run in the overhead suite and on small models.
+ALL_METHODS = keras_kfac.curvature.available()
+
+
+# --- models ------------------------------------------------------------------
+
+
+def autoencoder(activation, seed=0):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((PIXELS,))
+    h = inputs
+    for units in (1000, 500, 250):
+        h = keras.layers.Dense(units, activation=activation)(h)
+    h = keras.layers.Dense(30)(h)
+    for units in (250, 500, 1000):
+        h = keras.layers.Dense(units, activation=activation)(h)
+    return keras.Model(inputs, keras.layers.Dense(PIXELS)(h))
+
+
+def convnet(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Conv2D(32, 3, activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(64, 3, activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
+# --- optimizers ----------------------------------------------------------------
+
+
+def kfac_runs(methods, tuned):
+    runs = {"kfac (defaults)": (lambda: keras_kfac.KFAC(), [])}
+    for name, kwargs in tuned.items():
+        runs[name] = (lambda kw=kwargs: keras_kfac.KFAC(**kw), [])
+    for method in methods:
+        if method != "kfac":
+            runs[f"{method} (defaults)"] = (lambda m=method: keras_kfac.KFAC(curvature=m), [])
+    return runs
+
+
+def first_order_runs(adam_lrs, sgd_lrs):
+    runs = {}
+    for lr in adam_lrs:
+        runs[f"adam lr={lr:g}"] = (lambda lr=lr: keras.optimizers.Adam(lr), [])
+    for lr in sgd_lrs:
+        runs[f"sgd nesterov lr={lr:g}"] = (
+            lambda lr=lr: keras.optimizers.SGD(lr, momentum=0.9, nesterov=True),
+            [],
+        )
+    return runs
+
+
+def select(runs, patterns):
+    if not patterns:
+        return runs
+    return {k: v for k, v in runs.items() if any(p in k for p in patterns)}
+
+
+# --- training -----------------------------------------------------------------
+
+
+def train(build, make_optimizer, callbacks, x, y, batch, budget, eval_every, evaluate, max_steps=None):
+    model = build()
+    model.compile(optimizer=make_optimizer(), **build.compile_kwargs)
+    logger = BudgetLogger(budget, eval_every, lambda: evaluate(model), max_steps)
+    keras.utils.set_random_seed(1234)  # same batch order for every optimizer
+    epochs = 10_000 if max_steps is None else -(-max_steps * batch // len(x))
+    model.fit(x, y, batch_size=batch, epochs=epochs, verbose=0, callbacks=[logger] + callbacks)
+    return logger
+
+
+def run_suite(name, runs, build, data, args, evaluate, key, higher_is_better=False):
+    x, y = data
+    results = {}
+    for label, (make_optimizer, callbacks) in runs.items():
+        logger = train(build, make_optimizer, callbacks, x, y, args.batch, args.budget, args.eval_every, evaluate, args.max_steps)
+        results[label] = dict(logger.summary(), rows=logger.rows)
+        final = results[label]["final"]
+        print(
+            f"{label:<34} steps={logger.step:5d}  median={results[label]['median_step_ms']:7.1f} ms/step  "
+            + "  ".join(f"{k}={v:.4g}" for k, v in final.items() if k not in ("step", "seconds")),
+            flush=True,
+        )
+    return results
+
+
+def report_time_to_target(results, key, target_label, higher_is_better=False):
+    """Each run's wall time and steps to reach the best first-order run's
+    final ``key`` (the "target")."""
+    sign = -1 if higher_is_better else 1
+    baselines = {k: v for k, v in results.items() if k.startswith(target_label)}
+    best = min(baselines, key=lambda k: sign * baselines[k]["final"][key])
+    target = results[best]["final"][key]
+    table = []
+    for label, run in results.items():
+        rows = run["rows"] if not higher_is_better else [dict(r, **{key: -r[key]}) for r in run["rows"]]
+        seconds, steps = time_to_reach(rows, key, sign * target)
+        table.append(
+            {
+                "run": label,
+                "final": run["final"][key],
+                "median_step_ms": run["median_step_ms"],
+                "seconds_to_target": seconds,
+                "steps_to_target": steps,
+                "time_ratio_to_best_baseline": None if seconds is None else seconds / results[best]["seconds"],
+            }
+        )
+    return best, target, table
+
+
+def markdown(title, command, best, target, key, table, adam_ms):
+    lines = [f"### {title}", "", f"`{command}` on {machine()}.", ""]
+    lines.append(f"Target: {best}'s final {key} = {target:.4g} (end of its budget).")
+    lines.append("")
+    lines.append(f"| run | final {key} | ms/step | x Adam step | time to target (s) | steps to target | time / best baseline's |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|")
+    for row in table:
+        t = "-" if row["seconds_to_target"] is None else f"{row['seconds_to_target']:.0f}"
+        s = "-" if row["steps_to_target"] is None else str(row["steps_to_target"])
+        r = "-" if row["time_ratio_to_best_baseline"] is None else f"{row['time_ratio_to_best_baseline']:.2f}"
+        lines.append(
+            f"| {row['run']} | {row['final']:.4g} | {row['median_step_ms']:.0f} | "
+            f"{row['median_step_ms'] / adam_ms:.2f} | {t} | {s} | {r} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# --- suites --------------------------------------------------------------------
+
+
+def suite_autoencoder(args):
+    x, _ = datasets.load_numpy("mnist", "train", data_dir=args.data_dir)
+    xt, _ = datasets.load_numpy("mnist", "test", data_dir=args.data_dir)
+    x, xt = x.reshape(len(x), -1), xt.reshape(len(xt), -1)
+    if args.quick:
+        x, xt = x[:4000], xt[:1000]
+    probe, probe_test = x[:10000], xt
+
+    activation = "relu" if args.relu else "sigmoid"
+
+    def build():
+        return autoencoder(activation)
+
+    build.compile_kwargs = {"loss": make_loss()}
+
+    def evaluate(model):
+        return {
+            "train_loss": PIXELS * model.evaluate(probe, probe, batch_size=2000, verbose=0),
+            "test_loss": PIXELS * model.evaluate(probe_test, probe_test, batch_size=2000, verbose=0),
+        }
+
+    tuned = {"kfac adaptive (peer-like)": dict(adaptive_step=True, inverse_every=5)}
+    tuned.update(args.kfac)
+    runs = dict(kfac_runs(args.methods, tuned))
+    runs["kfac adaptive (peer-like)"] = (
+        runs["kfac adaptive (peer-like)"][0],
+        [keras_kfac.callbacks.AdaptiveDamping()],
+    )
+    runs.update(first_order_runs([1e-4, 3e-4, 1e-3, 3e-3], [0.3, 1.0, 3.0]))
+    runs = select(runs, args.optimizers)
+    results = run_suite("autoencoder", runs, build, (x, x), args, evaluate, "train_loss")
+    name = f"autoencoder_{activation}_batch{args.batch}" + ("_quick" if args.quick else "")
+    best, target, table = report_time_to_target(results, "train_loss", "adam")
+    adam_ms = statistics.median(r["median_step_ms"] for k, r in results.items() if k.startswith("adam"))
+    command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
+    md = markdown(f"MNIST autoencoder ({activation}, batch {args.batch}, {args.budget:g} s each)", command, best, target, "train_loss (summed BCE/image)", table, adam_ms)
+    write_results(name, {"suite": "autoencoder", "activation": activation, "batch": args.batch, "budget": args.budget, "target": target, "table": table}, results, y_label="train loss (summed BCE per image)", log_y=True)
+    with open(os.path.join(RESULTS, name + ".md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+def suite_convnet(args):
+    x, y = datasets.load_numpy("fashion_mnist", "train", data_dir=args.data_dir)
+    xt, yt = datasets.load_numpy("fashion_mnist", "test", data_dir=args.data_dir)
+    if args.quick:
+        x, y, xt, yt = x[:4000], y[:4000], xt[:1000], yt[:1000]
+    probe = (x[:10000], y[:10000])
+
+    def build():
+        return convnet()
+
+    build.compile_kwargs = {
+        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        "metrics": ["accuracy"],
+    }
+
+    def evaluate(model):
+        train_loss, _ = model.evaluate(*probe, batch_size=1000, verbose=0)
+        _, test_acc = model.evaluate(xt, yt, batch_size=1000, verbose=0)
+        return {"train_loss": train_loss, "test_accuracy": test_acc}
+
+    methods = [m for m in args.methods if m in ("kfac", "ekfac", "tengrad")]
+    runs = dict(kfac_runs(methods, args.kfac))
+    runs.update(first_order_runs([3e-4, 1e-3, 3e-3], [0.01, 0.03, 0.1]))
+    runs = select(runs, args.optimizers)
+    results = run_suite("convnet", runs, build, (x, y), args, evaluate, "test_accuracy")
+    name = f"convnet_batch{args.batch}" + ("_quick" if args.quick else "")
+    best, target, table = report_time_to_target(results, "test_accuracy", "adam", higher_is_better=True)
+    adam_ms = statistics.median(r["median_step_ms"] for k, r in results.items() if k.startswith("adam"))
+    command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
+    md = markdown(f"Fashion-MNIST convnet (batch {args.batch}, {args.budget:g} s each)", command, best, target, "test_accuracy", table, adam_ms)
+    write_results(name, {"suite": "convnet", "batch": args.batch, "budget": args.budget, "target": target, "table": table}, results, y_key="test_accuracy", y_label="test accuracy")
+    with open(os.path.join(RESULTS, name + ".md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+def optimizer_state_floats(opt, model):
+    weights = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    state = sum(int(np.prod(v.shape)) for v in opt.variables)
+    return state, weights
+
+
+def suite_overhead(args):
+    x, _ = datasets.load_numpy("mnist", "train", data_dir=args.data_dir)
+    x = x.reshape(len(x), -1)
+    steps = 6 if args.quick else args.steps
+    x = x[: args.batch * (steps + 1)]
+    configs = [("adam", lambda: keras.optimizers.Adam(1e-3))]
+    for stats_every in (1, 10):
+        for inverse_every in (20, 100):
+            configs.append(
+                (
+                    f"kfac stats_every={stats_every} inverse_every={inverse_every}",
+                    lambda s=stats_every, i=inverse_every: keras_kfac.KFAC(stats_every=s, inverse_every=i),
+                )
+            )
+    for method in args.methods:
+        if method != "kfac":
+            configs.append((f"{method} stats_every=1 inverse_every=20", lambda m=method: keras_kfac.KFAC(curvature=m)))
+    configs = [c for c in configs if not args.optimizers or any(p in c[0] for p in args.optimizers)]
+    rows = []
+    for label, make in configs:
+        model = autoencoder("sigmoid")
+        opt = make()
+        model.compile(optimizer=opt, loss=make_loss())
+        logger = BudgetLogger(1e9, 1e9, lambda: {}, max_steps=steps + 1)
+        model.fit(x, x, batch_size=args.batch, epochs=1, shuffle=False, verbose=0, callbacks=[logger])
+        state, weights = optimizer_state_floats(opt, model)
+        rows.append({"run": label, "median_step_ms": 1000 * statistics.median(logger.step_times), "state_floats": state, "weights": weights})
+        print(f"{label:<44} {rows[-1]['median_step_ms']:8.1f} ms/step  state/weights={state / weights:6.2f}", flush=True)
+    adam = rows[0]["median_step_ms"]
+    name = f"overhead_autoencoder_batch{args.batch}" + ("_quick" if args.quick else "")
+    lines = [
+        f"### Step overhead, MNIST autoencoder, batch {args.batch}",
+        "",
+        f"`python benchmarks/run.py {' '.join(sys.argv[1:])}` on {machine()}; median of {steps} steps after the compiled one.",
+        "",
+        "| optimizer | ms/step | x Adam | optimizer state / model size |",
+        "|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        row["ratio_to_adam"] = row["median_step_ms"] / adam
+        lines.append(f"| {row['run']} | {row['median_step_ms']:.0f} | {row['ratio_to_adam']:.2f} | {row['state_floats'] / row['weights']:.2f} |")
+    md = "\n".join(lines) + "\n"
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, name + ".json"), "w") as f:
+        json.dump({"batch": args.batch, "machine": machine(), "rows": rows}, f, indent=1)
+    with open(os.path.join(RESULTS, name + ".md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+SUITES = {"autoencoder": suite_autoencoder, "convnet": suite_convnet, "overhead": suite_overhead}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("suite", choices=sorted(SUITES))
+    parser.add_argument("--batch", type=int, default=None, help="default: 1000 (autoencoder, overhead), 128 (convnet)")
+    parser.add_argument("--budget", type=float, default=60.0, help="training seconds per optimizer")
+    parser.add_argument("--eval-every", type=float, default=None, help="seconds of training between evaluations")
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=30, help="overhead suite: timed steps")
+    parser.add_argument("--relu", action="store_true", help="autoencoder: ReLU hidden units")
+    parser.add_argument("--methods", nargs="*", default=["kfac"], help=f"curvature methods to add; 'all' = {ALL_METHODS}")
+    parser.add_argument("--optimizers", nargs="*", default=None, help="only runs whose label contains one of these")
+    parser.add_argument(
+        "--kfac", action="append", default=[], metavar="JSON",
+        help='extra KFAC run, e.g. --kfac \'{"learning_rate": 0.3, "damping": 0.01}\' (repeatable)',
+    )
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--quick", action="store_true", help="smoke mode: tiny data, 2 s budgets")
+    args = parser.parse_args(argv)
+    args.kfac = {f"kfac {spec}": json.loads(spec) for spec in args.kfac}
+    if args.methods == ["all"]:
+        args.methods = ALL_METHODS
+    if args.batch is None:
+        args.batch = 128 if args.suite == "convnet" else 1000
+    if args.quick:
+        args.budget = min(args.budget, 2.0)
+        args.batch = min(args.batch, 500)
+        if args.optimizers is None:
+            args.optimizers = ["kfac (defaults)", "adam lr=0.001"]
+    if args.eval_every is None:
+        args.eval_every = max(args.budget / 20, 0.5)
+    SUITES[args.suite](args)
+
+
+if __name__ == "__main__":
+    main()
