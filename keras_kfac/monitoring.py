@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from keras_kfac import quadratic
 from keras_kfac.curvature import factors as factor_math
+from keras_kfac.graph_util import run_if
 
 #: Names of the optimizer-level scalars in :meth:`StepMonitor.values`.
 SCALARS = (
@@ -44,14 +45,6 @@ FACTOR_SCALARS = ("trace", "min_eigenvalue", "max_eigenvalue", "condition_number
 def _variable(value, dtype=tf.float32, shape=None):
     with tf.init_scope():
         return tf.Variable(value, dtype=dtype, trainable=False, shape=shape)
-
-
-def _run_if(pred, fn):
-    def true_fn():
-        fn()
-        return tf.constant(True)
-
-    return tf.cond(pred, true_fn, lambda: tf.constant(False))
 
 
 class StepMonitor:
@@ -263,9 +256,9 @@ class StepMonitor:
         if has_loss:
             when = when | step["diag_now"]
         if self.rho_enabled or has_loss:
-            _run_if(when, compute_rho)
+            run_if(when, compute_rho)
         if self.diagnostics_enabled:
-            _run_if(step["diag_now"], lambda: self._diagnostics(grads, delta, damping))
+            run_if(step["diag_now"], lambda: self._diagnostics(grads, delta, damping))
         self._step = None
 
     def _diagnostics(self, grads, delta, damping):

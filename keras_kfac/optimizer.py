@@ -19,6 +19,7 @@ from keras_kfac.capture import Capture, candidate_layers
 from keras_kfac.layers import block_for_layer, unsupported_reason
 from keras_kfac.losses import SampledLoss
 from keras_kfac.monitoring import StepMonitor
+from keras_kfac.graph_util import run_if
 
 FISHER_TYPES = ("sampled", "empirical")
 DAMPING_MODES = ("factored", "eigen")
@@ -35,16 +36,6 @@ def check_backend():
             "before importing keras (or set \"backend\": \"tensorflow\" in "
             "~/.keras/keras.json)."
         )
-
-
-def _run_if(pred, fn):
-    """Run ``fn`` (stateful, no outputs) when ``pred`` holds, inside the graph."""
-
-    def true_fn():
-        fn()
-        return tf.constant(True)
-
-    return tf.cond(pred, true_fn, lambda: tf.constant(False))
 
 
 def _unwrap(optimizer):
@@ -380,11 +371,11 @@ class KFAC(keras.optimizers.Optimizer):
                 )
                 self._monitor.end(grads, variables, damping)
 
-            _run_if(ok, apply)
-            _run_if(tf.logical_not(ok), self._skip_step)
+            run_if(ok, apply)
+            run_if(tf.logical_not(ok), self._skip_step)
 
-        _run_if(finite, step)
-        _run_if(tf.logical_not(finite), self._skip_step)
+        run_if(finite, step)
+        run_if(tf.logical_not(finite), self._skip_step)
         if self._capture is not None:
             self._capture.clear()
 
@@ -418,13 +409,13 @@ class KFAC(keras.optimizers.Optimizer):
                         curvature.update_statistics(batch, decay)
                 self._stats_updates.assign_add(1)
 
-            _run_if(ok, apply)
+            run_if(ok, apply)
             return ok
 
         stats_ok = tf.cond(
             tf.equal(step % self.stats_every, 0), update_statistics, lambda: tf.constant(True)
         )
-        _run_if(
+        run_if(
             tf.equal(step % self.inverse_every, 0) & (self._stats_updates > 0) & stats_ok,
             lambda: distributed.refresh(self._replicas, self._curvatures, damping),
         )

@@ -68,6 +68,10 @@ def per_example_gradients(a, g):
     return tf.einsum("nta,ntg->nag", a, g)
 
 
+class NoDenseMatrixError(ValueError):
+    """Raised by ``matrix()`` of a method that stores no Fisher block."""
+
+
 class Curvature:
     """Base class: one layer block's curvature approximation.
 

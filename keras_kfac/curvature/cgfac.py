@@ -15,7 +15,7 @@ against 4 d^2 floats, and no O(d^3) inversion. Cost per iteration:
 """
 
 from keras_kfac.curvature import factors as F
-from keras_kfac.curvature.base import Curvature
+from keras_kfac.curvature.base import Curvature, NoDenseMatrixError
 
 
 class CGFAC(Curvature):
@@ -52,7 +52,7 @@ class CGFAC(Curvature):
         return x
 
     def matrix(self):
-        raise NotImplementedError(
+        raise NoDenseMatrixError(
             "curvature='cgfac' keeps no factors: it works matrix-free from the current "
             "batch. Its matrix is kron(A, G) of that batch (curvature='kfac' with "
             "stats_decay=0)."

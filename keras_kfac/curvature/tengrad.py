@@ -19,7 +19,7 @@ current batch's exact F; see :func:`keras_kfac.fidelity.exact_fisher_block`).
 """
 
 from keras_kfac.curvature import factors as F
-from keras_kfac.curvature.base import Curvature
+from keras_kfac.curvature.base import Curvature, NoDenseMatrixError
 
 
 class TENGraD(Curvature):
@@ -42,7 +42,7 @@ class TENGraD(Curvature):
         return F.woodbury_solve(batch.a(), batch.g(), v, damping)
 
     def matrix(self):
-        raise NotImplementedError(
+        raise NoDenseMatrixError(
             "curvature='tengrad' keeps no Fisher block: it solves exactly with the "
             "current batch's per-example gradients. Use "
             "keras_kfac.fidelity.exact_fisher_block for that batch's matrix."
