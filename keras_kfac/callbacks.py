@@ -21,6 +21,7 @@ import os
 import keras
 import tensorflow as tf
 
+from keras_kfac import distributed
 from keras_kfac.optimizer import KFAC, _unwrap
 
 
@@ -89,6 +90,7 @@ class AdaptiveDamping(keras.callbacks.Callback):
                 "AdaptiveDamping changes the damping variable, but this KFAC's "
                 "damping is a schedule; pass a number as damping=."
             )
+        distributed.check_supported(self.model.distribute_strategy, quadratic_model=True)
         monitor = opt._monitor
         monitor.rho_enabled = True
         monitor.rho_every.assign(self.every)

@@ -66,10 +66,18 @@ def _is_mirrored(strategy):
     return isinstance(strategy.extended, mirrored_strategy.MirroredExtended)
 
 
-def check_supported(strategy, jit_compile=False, run_eagerly=False):
+def check_supported(strategy, jit_compile=False, run_eagerly=False, quadratic_model=False):
     """Clear errors for combinations that cannot work, before any tracing."""
     if strategy is None or strategy.num_replicas_in_sync <= 1:
         return
+    if quadratic_model:
+        raise DistributionError(
+            "adaptive_step=True and AdaptiveDamping evaluate the "
+            "quadratic model on each replica's local batch and are not reduced across "
+            f"the {strategy.num_replicas_in_sync} replicas yet, so replicas would drift "
+            "apart. Under a tf.distribute strategy use adaptive_step=False and a fixed "
+            "damping (or a damping schedule / DampingScheduler)."
+        )
     if _is_mirrored(strategy) and jit_compile:
         raise DistributionError(
             f"jit_compile=True does not work with {type(strategy).__name__} and "

@@ -237,6 +237,7 @@ class KFAC(keras.optimizers.Optimizer):
                 tf.distribute.get_strategy(),
                 jit_compile=getattr(model, "jit_compile", False) is True,
                 run_eagerly=bool(getattr(model, "run_eagerly", False)),
+                quadratic_model=self.adaptive_step,
             )
         keys = {self._var_key(v): v for v in variables}
         self._blocks, self._curvatures, self._unsupported = [], [], []

@@ -158,17 +158,29 @@ def compare(method, fisher, damping_mode, steps):
     }
 
 
-def jit_compile_error():
-    """jit_compile=True under MirroredStrategy: KFAC's message, not XLA's."""
+def refusal(optimizer_kwargs=None, compile_kwargs=None, callbacks=()):
+    """The error KFAC raises for a combination it refuses under
+    MirroredStrategy (its message, not a trace from deep inside)."""
     x, y = make_data(GLOBAL_BATCH)
     with mirrored().scope():
         model = make_model()
-        model.compile(optimizer=keras_kfac.KFAC(), loss="sparse_categorical_crossentropy", jit_compile=True)
+        model.compile(
+            optimizer=keras_kfac.KFAC(**(optimizer_kwargs or {})),
+            loss="sparse_categorical_crossentropy",
+            **(compile_kwargs or {}),
+        )
     try:
-        model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, verbose=0)
+        model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, verbose=0, callbacks=list(callbacks))
     except Exception as e:  # the message is what is checked
         return {"raised": type(e).__name__, "message": str(e)}
     return {"raised": None}
+
+
+REFUSALS = {
+    "jit": lambda: refusal(compile_kwargs={"jit_compile": True}),
+    "adaptive_step": lambda: refusal(optimizer_kwargs={"adaptive_step": True}),
+    "adaptive_damping": lambda: refusal(callbacks=[keras_kfac.callbacks.AdaptiveDamping()]),
+}
 
 
 def main():
@@ -178,8 +190,8 @@ def main():
     args = parser.parse_args()
     out = {}
     for config in args.configs.split(","):
-        if config == "jit":
-            out[config] = jit_compile_error()
+        if config in REFUSALS:
+            out[config] = REFUSALS[config]()
             continue
         parts = config.split(":")
         method = parts[0]

@@ -68,13 +68,19 @@ def check_matches_single_device(result):
         assert r["max_weight_error"] < 2e-5, (config, r)
 
 
-FAST = ["kfac:sampled", "kfac:empirical", "tengrad:sampled", "jit"]
+FAST = ["kfac:sampled", "kfac:empirical", "tengrad:sampled", "jit", "adaptive_step", "adaptive_damping"]
 
 
 def test_mirrored_strategy_matches_single_device_and_rejects_jit_compile():
     result = mirrored(FAST)
     jit = result.pop("jit")
+    quadratic = [result.pop("adaptive_step"), result.pop("adaptive_damping")]
     check_matches_single_device(result)
+    # The quadratic model is evaluated per replica (not reduced yet): refused
+    # clearly rather than letting the replicas drift apart.
+    for refused in quadratic:
+        assert refused["raised"] == "DistributionError", refused
+        assert "not reduced across" in refused["message"]
     assert result["kfac:sampled"]["factor_variables"], result
     # jit_compile=True with MirroredStrategy fails in Keras 3.15 even for SGD;
     # KFAC says so before tracing instead of XLA's device error.
