@@ -72,6 +72,8 @@ class BudgetLogger(keras.callbacks.Callback):
             "steps": self.step,
             "seconds": self.elapsed,
             "median_step_ms": 1000 * statistics.median(self.step_times) if self.step_times else float("nan"),
+            # Amortized over statistics/refresh steps (the median hides them).
+            "mean_step_ms": 1000 * statistics.mean(self.step_times) if self.step_times else float("nan"),
             "first_step_s": getattr(self, "first_step_seconds", float("nan")),
             "final": self.rows[-1],
         }

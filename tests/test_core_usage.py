@@ -39,7 +39,7 @@ def fit_loss(model, x, y, epochs=15, **fit_kw):
 
 def averaged_output_factor(model, loss, x, y, steps=150):
     """Running-average G of the output layer with lr = 0 (weights fixed)."""
-    opt = keras_kfac.KFAC(learning_rate=0.0, stats_decay=0.98, fisher="sampled", seed=3)
+    opt = keras_kfac.KFAC(learning_rate=0.0, stats_decay=0.98, stats_every=1, fisher="sampled", seed=3)
     model.compile(optimizer=opt, loss=loss)
     xs = np.concatenate([x] * steps)
     ys = np.concatenate([y] * steps)

@@ -91,7 +91,7 @@ def test_overflowing_statistics_with_finite_gradients_skip_the_step():
     model = keras.Sequential(
         [keras.Input((6,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)]
     )
-    opt = keras_kfac.KFAC(fisher="empirical", inverse_every=1, learning_rate=0.05)
+    opt = keras_kfac.KFAC(fisher="empirical", stats_every=1, inverse_every=1, learning_rate=0.05)
     model.compile(optimizer=opt, loss=SCCE)
     model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False)
     weights = [w.numpy().copy() for w in model.weights]
@@ -399,7 +399,7 @@ def test_last_partial_batch_and_batch_size_one():
     keras.utils.set_random_seed(0)
     x, y = classification_data(n=20)
     model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)])
-    opt = keras_kfac.KFAC(fisher="empirical", stats_decay=0.0, learning_rate=0.0)
+    opt = keras_kfac.KFAC(fisher="empirical", stats_decay=0.0, stats_every=1, learning_rate=0.0)
     model.compile(optimizer=opt, loss=SCCE)
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
     assert int(opt.iterations) == 3
@@ -408,7 +408,7 @@ def test_last_partial_batch_and_batch_size_one():
         np.testing.assert_allclose(opt.curvature_for(layer).a.numpy(), A, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(opt.curvature_for(layer).g.numpy(), G, rtol=1e-4, atol=1e-7)
     # Batch size 1 (one example per step, sampled Fisher included).
-    opt1 = keras_kfac.KFAC(stats_decay=0.0, learning_rate=0.0, seed=0)
+    opt1 = keras_kfac.KFAC(stats_decay=0.0, stats_every=1, learning_rate=0.0, seed=0)
     model.compile(optimizer=opt1, loss=SCCE)
     model.fit(x, y, batch_size=1, epochs=1, verbose=0, shuffle=False)
     assert int(opt1.iterations) == 20 and int(opt1.skipped_steps) == 0
@@ -423,7 +423,7 @@ def test_unknown_batch_dimension_in_a_custom_loop():
     keras.utils.set_random_seed(0)
     x, y = classification_data(n=13)
     model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)])
-    opt = keras_kfac.KFAC(model=model, loss=SCCE, stats_decay=0.0, learning_rate=0.0, fisher="empirical")
+    opt = keras_kfac.KFAC(model=model, loss=SCCE, stats_decay=0.0, stats_every=1, learning_rate=0.0, fisher="empirical")
 
     @tf.function(input_signature=[tf.TensorSpec((None, 6), tf.float32), tf.TensorSpec((None,), tf.int64)])
     def step(xb, yb):
@@ -452,7 +452,7 @@ def test_several_outputs_and_losses_with_empirical_fisher():
     x, y = classification_data(n=16)
     y2 = np.random.default_rng(3).normal(size=(16, 2)).astype("float32")
     model = two_output_model()
-    opt = keras_kfac.KFAC(fisher="empirical", stats_decay=0.0, learning_rate=0.0)
+    opt = keras_kfac.KFAC(fisher="empirical", stats_decay=0.0, stats_every=1, learning_rate=0.0)
     model.compile(optimizer=opt, loss=[SCCE, "mse"], loss_weights=[1.0, 0.5])
     trunk = model.get_layer("trunk")
     with tf.GradientTape() as tape:
