@@ -121,3 +121,29 @@ class Curvature:
         estimator built (always correct); methods whose ``refresh`` does
         nothing return ``[]``."""
         return list(getattr(self, "built_variables", []))
+
+
+class CurrentBatchCurvature(Curvature):
+    """A method that works from the current step's batch alone (TENGraD,
+    CG-FAC): no running statistics, nothing to refresh, no stored block."""
+
+    uses_current_batch = True
+    #: Why ``matrix()`` has no answer, for the error message.
+    no_matrix_reason = ""
+
+    def build(self, add_variable):
+        pass
+
+    def update_statistics(self, batch, decay):
+        pass
+
+    def refresh(self, damping):
+        pass
+
+    def refresh_state(self):
+        return []
+
+    def matrix(self):
+        raise NoDenseMatrixError(
+            f"curvature={self.name!r} keeps no Fisher block: {self.no_matrix_reason}"
+        )

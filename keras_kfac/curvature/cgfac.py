@@ -15,12 +15,15 @@ against 4 d^2 floats, and no O(d^3) inversion. Cost per iteration:
 """
 
 from keras_kfac.curvature import factors as F
-from keras_kfac.curvature.base import Curvature, NoDenseMatrixError
+from keras_kfac.curvature.base import CurrentBatchCurvature
 
 
-class CGFAC(Curvature):
+class CGFAC(CurrentBatchCurvature):
     name = "cgfac"
-    uses_current_batch = True
+    no_matrix_reason = (
+        "it works matrix-free from the current batch. Its matrix is kron(A, G) of "
+        "that batch (curvature='kfac' with stats_decay=0)."
+    )
 
     def __init__(self, block, damping_mode="factored", cg_max_iters=20, cg_tol=1e-4, **options):
         super().__init__(block, damping_mode, **options)
@@ -29,15 +32,6 @@ class CGFAC(Curvature):
 
     def build(self, add_variable):
         self.solution = add_variable("cg_solution", (self.block.a_dim, self.block.g_dim))
-
-    def update_statistics(self, batch, decay):
-        pass
-
-    def refresh(self, damping):
-        pass
-
-    def refresh_state(self):
-        return []
 
     def precondition(self, v, damping, batch=None):
         a, g = batch.a(), batch.g()
@@ -50,10 +44,3 @@ class CGFAC(Curvature):
         )
         F.assign_if_finite(self.solution, x)
         return x
-
-    def matrix(self):
-        raise NoDenseMatrixError(
-            "curvature='cgfac' keeps no factors: it works matrix-free from the current "
-            "batch. Its matrix is kron(A, G) of that batch (curvature='kfac' with "
-            "stats_decay=0)."
-        )

@@ -19,31 +19,15 @@ current batch's exact F; see :func:`keras_kfac.fidelity.exact_fisher_block`).
 """
 
 from keras_kfac.curvature import factors as F
-from keras_kfac.curvature.base import Curvature, NoDenseMatrixError
+from keras_kfac.curvature.base import CurrentBatchCurvature
 
 
-class TENGraD(Curvature):
+class TENGraD(CurrentBatchCurvature):
     name = "tengrad"
-    uses_current_batch = True
-
-    def build(self, add_variable):
-        pass
-
-    def update_statistics(self, batch, decay):
-        pass
-
-    def refresh(self, damping):
-        pass
-
-    def refresh_state(self):
-        return []
+    no_matrix_reason = (
+        "it solves exactly with the current batch's per-example gradients. Use "
+        "keras_kfac.fidelity.exact_fisher_block for that batch's matrix."
+    )
 
     def precondition(self, v, damping, batch=None):
         return F.woodbury_solve(batch.a(), batch.g(), v, damping)
-
-    def matrix(self):
-        raise NoDenseMatrixError(
-            "curvature='tengrad' keeps no Fisher block: it solves exactly with the "
-            "current batch's per-example gradients. Use "
-            "keras_kfac.fidelity.exact_fisher_block for that batch's matrix."
-        )
