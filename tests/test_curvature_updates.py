@@ -1,7 +1,7 @@
 """One KFAC step with each curvature method equals ``-lr * solve(F_hat +
 damping, grad)`` for that method's F_hat, computed by brute force.
 
-``KFAC(momentum=0, kl_clip=None, stats_decay=0, inverse_every=1,
+``KFAC(momentum=0, kl_clip=None, stats_decay=0, stats_every=1, inverse_every=1,
 fisher="empirical")`` and one train step on a fixed batch, so the
 statistics are that batch's.
 """
@@ -42,6 +42,7 @@ def setup(method, kind, mode="graph", n=12, damping_mode="factored", **options):
         momentum=0.0,
         kl_clip=None,
         stats_decay=0.0,
+        stats_every=1,
         inverse_every=1,
         fisher="empirical",
         curvature=method,
