@@ -130,12 +130,15 @@ def report_time_to_target(results, key, target_label, higher_is_better=False):
     final ``key`` (the "target")."""
     sign = -1 if higher_is_better else 1
     baselines = {k: v for k, v in results.items() if k.startswith(target_label)}
-    best = min(baselines, key=lambda k: sign * baselines[k]["final"][key])
-    target = results[best]["final"][key]
+    if not baselines:  # e.g. --optimizers without Adam: no target, still a table
+        best, target = None, None
+    else:
+        best = min(baselines, key=lambda k: sign * baselines[k]["final"][key])
+        target = results[best]["final"][key]
     table = []
     for label, run in results.items():
         rows = run["rows"] if not higher_is_better else [dict(r, **{key: -r[key]}) for r in run["rows"]]
-        seconds, steps = time_to_reach(rows, key, sign * target)
+        seconds, steps = (None, None) if best is None else time_to_reach(rows, key, sign * target)
         table.append(
             {
                 "run": label,
@@ -151,9 +154,16 @@ def report_time_to_target(results, key, target_label, higher_is_better=False):
     return best, target, table
 
 
+def adam_step_ms(results):
+    """Median amortized step time of the Adam runs (None without Adam)."""
+    times = [r["mean_step_ms"] for k, r in results.items() if k.startswith("adam")]
+    return statistics.median(times) if times else None
+
+
 def markdown(title, command, best, target, key, table, adam_ms):
     lines = [f"### {title}", "", f"`{command}` on {machine()}.", ""]
-    lines.append(f"Target: {best}'s final {key} = {target:.4g} (end of its budget).")
+    if best is not None:
+        lines.append(f"Target: {best}'s final {key} = {target:.4g} (end of its budget).")
     lines.append("")
     lines.append(
         f"| run | final {key} | steps | ms/step median | ms/step amortized | x Adam (amortized) "
@@ -164,9 +174,10 @@ def markdown(title, command, best, target, key, table, adam_ms):
         t = "-" if row["seconds_to_target"] is None else f"{row['seconds_to_target']:.0f}"
         s = "-" if row["steps_to_target"] is None else str(row["steps_to_target"])
         r = "-" if row["time_ratio_to_best_baseline"] is None else f"{row['time_ratio_to_best_baseline']:.2f}"
+        x_adam = "-" if adam_ms is None else f"{row['mean_step_ms'] / adam_ms:.2f}"
         lines.append(
             f"| {row['run']} | {row['final']:.4g} | {row['steps']} | {row['median_step_ms']:.0f} | "
-            f"{row['mean_step_ms']:.0f} | {row['mean_step_ms'] / adam_ms:.2f} | {t} | {s} | {r} |"
+            f"{row['mean_step_ms']:.0f} | {x_adam} | {t} | {s} | {r} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -205,9 +216,9 @@ def suite_autoencoder(args):
     runs.update(first_order_runs([1e-4, 3e-4, 1e-3, 3e-3], [0.3, 1.0, 3.0]))
     runs = select(runs, args.optimizers)
     results = run_suite("autoencoder", runs, build, (x, x), args, evaluate, "train_loss")
-    name = f"autoencoder_{activation}_batch{args.batch}" + ("_quick" if args.quick else "")
+    name = f"autoencoder_{activation}_batch{args.batch}" + args.tag + ("_quick" if args.quick else "")
     best, target, table = report_time_to_target(results, "train_loss", "adam")
-    adam_ms = statistics.median(r["mean_step_ms"] for k, r in results.items() if k.startswith("adam"))
+    adam_ms = adam_step_ms(results)
     command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
     md = markdown(f"MNIST autoencoder ({activation}, batch {args.batch}, {args.budget:g} s each)", command, best, target, "train_loss (summed BCE/image)", table, adam_ms)
     write_results(name, {"suite": "autoencoder", "activation": activation, "batch": args.batch, "budget": args.budget, "target": target, "table": table}, results, y_label="train loss (summed BCE per image)", log_y=True)
@@ -241,9 +252,9 @@ def suite_convnet(args):
     runs.update(first_order_runs([3e-4, 1e-3, 3e-3], [0.01, 0.03, 0.1]))
     runs = select(runs, args.optimizers)
     results = run_suite("convnet", runs, build, (x, y), args, evaluate, "test_accuracy")
-    name = f"convnet_batch{args.batch}" + ("_quick" if args.quick else "")
+    name = f"convnet_batch{args.batch}" + args.tag + ("_quick" if args.quick else "")
     best, target, table = report_time_to_target(results, "test_accuracy", "adam", higher_is_better=True)
-    adam_ms = statistics.median(r["mean_step_ms"] for k, r in results.items() if k.startswith("adam"))
+    adam_ms = adam_step_ms(results)
     command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
     md = markdown(f"Fashion-MNIST convnet (batch {args.batch}, {args.budget:g} s each)", command, best, target, "test_accuracy", table, adam_ms)
     write_results(name, {"suite": "convnet", "batch": args.batch, "budget": args.budget, "target": target, "table": table}, results, y_key="test_accuracy", y_label="test accuracy")
@@ -297,7 +308,7 @@ def suite_overhead(args):
         )
         print(f"{label:<44} {summary['mean_step_ms']:8.1f} ms/step amortized  state/weights={state / weights:6.2f}", flush=True)
     adam = rows[0]["mean_step_ms"]
-    name = f"overhead_autoencoder_batch{args.batch}" + ("_quick" if args.quick else "")
+    name = f"overhead_autoencoder_batch{args.batch}" + args.tag + ("_quick" if args.quick else "")
     lines = [
         f"### Step overhead, MNIST autoencoder, batch {args.batch}",
         "",
@@ -340,6 +351,7 @@ def main(argv=None):
         help='extra KFAC run, e.g. --kfac \'{"learning_rate": 0.3, "damping": 0.01}\' (repeatable)',
     )
     parser.add_argument("--adaptive-damping", type=float, default=0.1, help="initial damping of the adaptive run")
+    parser.add_argument("--tag", default="", help="suffix of the result files' names, e.g. _methods")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--quick", action="store_true", help="smoke mode: tiny data, 2 s budgets")
     args = parser.parse_args(argv)

@@ -71,7 +71,9 @@ class KFAC(keras.optimizers.Optimizer):
             training labels' gradients; any loss).
         damping_mode: ``"factored"`` (sec. 6.3: ``(A + pi*gamma I)^-1 V (G +
             gamma/pi I)^-1``) or ``"eigen"`` (exact ``(kron(A,G) + lambda I)^-1``).
-        stats_decay: running-average decay of the statistics, in [0, 1).
+        stats_decay: running-average decay of the statistics per statistics
+            update (not per step), in [0, 1). With ``stats_every=10`` the
+            default 0.5 keeps a memory of about 20 steps.
         stats_every: statistics are updated every this many steps.
         inverse_every: inverses/eigenbases are refreshed every this many steps.
         kl_clip: KL clipping bound (Ba et al. 2017), or None.
@@ -102,9 +104,9 @@ class KFAC(keras.optimizers.Optimizer):
         curvature="kfac",
         fisher="sampled",
         damping_mode="factored",
-        stats_decay=0.95,
+        stats_decay=0.5,
         stats_every=10,
-        inverse_every=100,
+        inverse_every=20,
         kl_clip=1e-3,
         weight_decay=None,
         model=None,
@@ -240,6 +242,10 @@ class KFAC(keras.optimizers.Optimizer):
                 quadratic_model=self.adaptive_step,
             )
         keys = {self._var_key(v): v for v in variables}
+        options = dict(
+            {"stats_every": self.stats_every, "inverse_every": self.inverse_every},
+            **self.curvature_options,
+        )
         self._blocks, self._curvatures, self._unsupported = [], [], []
         for layer in candidate_layers(model):
             block = block_for_layer(layer)
@@ -249,7 +255,7 @@ class KFAC(keras.optimizers.Optimizer):
             if not all(self._var_key(v) in keys for v in block.variables):
                 continue  # frozen layer: nothing to update
             method = curvature_lib.get(self._curvature_name(layer))
-            curvature = method(block, damping_mode=self.damping_mode, **self.curvature_options)
+            curvature = method(block, damping_mode=self.damping_mode, **options)
 
             def add_variable(name, shape, block=block, curvature=curvature, initializer="zeros"):
                 variable = self.add_variable(

@@ -4,11 +4,15 @@ Rule (flop counts per step, from the layer's shapes ``a_dim``, ``g_dim``,
 locations ``T`` and the batch size ``n``):
 
 * exact block, "tengrad" (Woodbury, Soori et al. 2021):
-  ``gram(n) + n^3/3 + 4 n T a_dim g_dim`` with ``gram(n) = n^2 (a_dim + g_dim)``
-  (Dense) or ``n^2 min(T^2 (a_dim + g_dim), a_dim g_dim)`` (conv);
-* Kronecker, "kfac": statistics ``2 n T (a_dim^2 + g_dim^2)``, preconditioning
-  ``2 a_dim g_dim (a_dim + g_dim)``, inversion ``(a_dim^3 + g_dim^3)`` amortized
-  over ``inverse_every`` (option, default 20, as KFAC's).
+  ``gram(n) + n^3/3 + 6 n T a_dim g_dim`` with ``gram(n) = n^2 (a_dim + g_dim)``
+  (Dense) or ``n^2 min(T^2 (a_dim + g_dim), a_dim g_dim)`` (conv): ``U v``,
+  ``U^T c`` and the back-propagation of the sampled output gradients through
+  the layer, every step;
+* Kronecker, "kfac": statistics ``2 n T (a_dim^2 + g_dim^2 + a_dim g_dim)``
+  (factor products and that back-propagation) amortized over ``stats_every``,
+  preconditioning ``2 a_dim g_dim (a_dim + g_dim)``, inversion
+  ``(a_dim^3 + g_dim^3)`` amortized over ``inverse_every`` (both given by the
+  optimizer: its own cadence).
 
 "tengrad" is chosen when its cost is at most K-FAC's: it is exact and, for a
 small batch against the layer's width, cheaper. The crossover batch size
@@ -49,21 +53,22 @@ def _locations(block):
 
 def woodbury_cost(n, da, dg, t):
     gram = n * n * ((da + dg) if t == 1 else min(t * t * (da + dg), da * dg))
-    return gram + n**3 / 3.0 + 4.0 * n * t * da * dg
+    return gram + n**3 / 3.0 + 6.0 * n * t * da * dg
 
 
-def kronecker_cost(n, da, dg, t, inverse_every):
-    return 2.0 * n * t * (da * da + dg * dg) + 2.0 * da * dg * (da + dg) + (da**3 + dg**3) / inverse_every
+def kronecker_cost(n, da, dg, t, inverse_every, stats_every=1):
+    statistics = 2.0 * n * t * (da * da + dg * dg + da * dg)
+    return statistics / stats_every + 2.0 * da * dg * (da + dg) + (da**3 + dg**3) / inverse_every
 
 
-def crossover(da, dg, t, inverse_every):
+def crossover(da, dg, t, inverse_every, stats_every=1):
     """Largest n with ``woodbury_cost <= kronecker_cost`` (0 if none)."""
     if t is None:
         return 0
     lo, hi = 0, MAX_BATCH
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if woodbury_cost(mid, da, dg, t) <= kronecker_cost(mid, da, dg, t, inverse_every):
+        if woodbury_cost(mid, da, dg, t) <= kronecker_cost(mid, da, dg, t, inverse_every, stats_every):
             lo = mid
         else:
             hi = mid - 1
@@ -73,10 +78,12 @@ def crossover(da, dg, t, inverse_every):
 class Auto(Curvature):
     name = "auto"
 
-    def __init__(self, block, damping_mode="factored", batch_size=None, inverse_every=20, **options):
+    def __init__(
+        self, block, damping_mode="factored", batch_size=None, stats_every=10, inverse_every=20, **options
+    ):
         super().__init__(block, damping_mode, **options)
         t = _locations(block)
-        self.crossover = crossover(block.a_dim, block.g_dim, t, float(inverse_every))
+        self.crossover = crossover(block.a_dim, block.g_dim, t, float(inverse_every), float(stats_every))
         self.kfac = None
         self.tengrad = None
         if batch_size is not None:

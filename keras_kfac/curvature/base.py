@@ -85,9 +85,10 @@ class Curvature:
     uses_current_batch = False
 
     def __init__(self, block, damping_mode="factored", **options):
-        # ``options`` are ``KFAC(curvature_options=...)``, given to every
-        # curvature class; a class takes the ones it defines and ignores the
-        # rest (a per-layer choice can mix methods with different options).
+        # ``options`` are ``KFAC(curvature_options=...)`` plus the optimizer's
+        # ``stats_every`` and ``inverse_every``, given to every curvature
+        # class; a class takes the ones it defines and ignores the rest (a
+        # per-layer choice can mix methods with different options).
         if damping_mode not in ("factored", "eigen"):
             raise ValueError(
                 f"Unknown damping_mode={damping_mode!r}: use 'factored' or 'eigen'."

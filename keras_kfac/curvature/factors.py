@@ -113,13 +113,18 @@ def gradient_second_moment(a, g):
 
 
 def gradient_inner(a, g, v):
-    """``(U vec(V))_i = <U_i, V> = sum_t a_{i,t}^T V g_{i,t}``, shape (n,)."""
-    return tf.einsum("nta,ag,ntg->n", a, v, g)
+    """``(U vec(V))_i = <U_i, V> = sum_t a_{i,t}^T V g_{i,t}``, shape (n,).
+
+    Written as ``(a V) . g``: cost ``n T a_dim g_dim``, and no intermediate
+    larger than ``g``, whatever order an einsum would choose."""
+    return tf.reduce_sum(tf.matmul(a, v) * g, axis=(1, 2))
 
 
 def gradient_combination(a, g, c):
-    """``U^T c = sum_i c_i U_i = A_bar^T diag(c) G``, shape (a_dim, g_dim)."""
-    return tf.einsum("n,nta,ntg->ag", c, a, g)
+    """``U^T c = sum_i c_i U_i = A_bar^T diag(c) G``, shape (a_dim, g_dim):
+    one matmul over all (example, location) rows."""
+    weighted = tf.reshape(a * c[:, None, None], (-1, a.shape[-1]))
+    return tf.matmul(weighted, tf.reshape(g, (-1, g.shape[-1])), transpose_a=True)
 
 
 def gradient_gram(a, g):
@@ -130,13 +135,14 @@ def gradient_gram(a, g):
     (g_it . g_js)``; the location Grams cost ``n^2 T^2 (a_dim + g_dim)``,
     forming U costs ``n a_dim g_dim (n + 1)``; the cheaper one is chosen from
     the static shapes (location Grams when ``T^2 (a_dim + g_dim) < a_dim
-    g_dim`` or when T is unknown).
+    g_dim``). With T unknown, U is formed: its memory is bounded by the
+    layer's size, that of the location Grams (n^2 T^2) is not.
     """
     if _single_location(a):
         a2, g2 = a[:, 0], g[:, 0]
         return tf.matmul(a2, a2, transpose_b=True) * tf.matmul(g2, g2, transpose_b=True)
     t, da, dg = a.shape[1], a.shape[2], g.shape[2]
-    if t is None or t * t * (da + dg) < da * dg:
+    if t is not None and t * t * (da + dg) < da * dg:
         ka = tf.einsum("ita,jsa->ijts", a, a)
         kg = tf.einsum("itg,jsg->ijts", g, g)
         return tf.reduce_sum(ka * kg, axis=(2, 3))

@@ -45,11 +45,18 @@ class Conv2DBlock(LayerBlock):
             rates=(1, dh, dw, 1),
             padding=self.layer.padding.upper(),
         )
-        n = tf.shape(inputs)[0]
-        return tf.reshape(patches, (n, -1, patches.shape[-1]))
+        return _flatten_locations(patches, patches.shape[-1])
 
     def _output_locations(self, ds):
         if self.channels_first:
             ds = tf.transpose(ds, (0, 2, 3, 1))
-        n = tf.shape(ds)[0]
-        return tf.reshape(ds, (n, -1, self.g_dim))
+        return _flatten_locations(ds, self.g_dim)
+
+
+def _flatten_locations(x, channels):
+    """``(n, h, w, c) -> (n, h*w, c)``, keeping ``h*w`` static when it is
+    known (with a dynamic batch a ``-1`` would lose it, and the methods choose
+    their algorithm from the static number of locations)."""
+    h, w = x.shape[1], x.shape[2]
+    locations = -1 if h is None or w is None else h * w
+    return tf.reshape(x, (tf.shape(x)[0], locations, channels))
