@@ -9,6 +9,7 @@ statistics are that batch's.
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_kfac
 from reference import (
@@ -195,6 +196,62 @@ def test_auto_rule_prefers_woodbury_for_small_batches_on_wide_layers():
         n = crossover(da, dg, t, 20.0)
         assert woodbury_cost(n, da, dg, t) <= kronecker_cost(n, da, dg, t, 20.0)
         assert woodbury_cost(n + 1, da, dg, t) > kronecker_cost(n + 1, da, dg, t, 20.0)
+
+
+def test_auto_uses_the_optimizers_cadence():
+    """Sparse statistics make K-FAC cheaper, so auto's crossover batch size
+    falls; on the autoencoder's 785x1000 layer at batch 1000 with the default
+    cadence it must choose K-FAC (TENGraD there measured ~20x slower)."""
+    from keras_kfac.curvature.auto import crossover
+
+    assert crossover(785, 1000, 1, 20.0, 10.0) < 1000 <= crossover(785, 1000, 1, 20.0, 1.0)
+
+    def built(**kwargs):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(40), keras.layers.Dense(3)])
+        opt = keras_kfac.KFAC(curvature="auto", **kwargs)
+        model.compile(optimizer=opt, loss="mse")
+        model.fit(np.ones((4, 6)), np.ones((4, 3)), verbose=0)
+        return opt.curvature_for(model.layers[0]).crossover
+
+    assert built(stats_every=10) < built(stats_every=1)
+    assert built(stats_every=1) == built(stats_every=1, curvature_options={"stats_every": 1})
+
+
+def test_tengrad_conv_with_unknown_locations_matches_static():
+    """An unknown number of locations (e.g. variable image size) takes the
+    formed-gradient path of the Gram matrix; same values, bounded memory."""
+    from keras_kfac.curvature import factors as F
+
+    rng = np.random.default_rng(0)
+    a = tf.constant(rng.normal(size=(5, 9, 4)), tf.float32)
+    g = tf.constant(rng.normal(size=(5, 9, 3)), tf.float32)
+    v = tf.constant(rng.normal(size=(4, 3)), tf.float32)
+    unknown = tf.TensorSpec((None, None, 4)), tf.TensorSpec((None, None, 3))
+    dynamic = tf.function(lambda a, g: F.woodbury_solve(a, g, v, 0.1), input_signature=unknown)
+    u = np.einsum("nta,ntg->nag", a, g).reshape(5, -1)
+    want = np.linalg.solve(u.T @ u / 5 + 0.1 * np.eye(12), v.numpy().reshape(-1)).reshape(4, 3)
+    atol = 1e-4 * np.abs(want).max()  # float32 Woodbury: cancellation in v - U^T c
+    np.testing.assert_allclose(dynamic(a, g), want, rtol=1e-4, atol=atol)
+    np.testing.assert_allclose(F.woodbury_solve(a, g, v, 0.1), want, rtol=1e-4, atol=atol)
+
+
+def test_conv_block_keeps_static_locations_with_dynamic_batch():
+    from keras_kfac.layers import block_for_layer
+
+    layer = keras.layers.Conv2D(2, 3)
+    layer.build((None, 8, 8, 3))
+    block = block_for_layer(layer)
+    seen = {}
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 8, 8, 3))])
+    def locations(x):
+        seen["a"] = block._locations(x).shape
+        seen["g"] = block._output_locations(layer(x)).shape
+        return x
+
+    locations(tf.zeros((2, 8, 8, 3)))
+    assert seen["a"][1:] == (36, 27) and seen["g"][1:] == (36, 2)
 
 
 def test_per_layer_choice():
