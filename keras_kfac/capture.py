@@ -30,7 +30,7 @@ from keras.src.backend.common import global_state
 from tensorflow.python.eager import record as tape_record
 
 from keras_kfac.curvature.base import LayerBatch
-from keras_kfac.layers.base import SUPPORTED_LAYER_TYPES
+from keras_kfac.layers.base import block_class_for_layer
 
 
 def _current_graph():
@@ -88,7 +88,7 @@ def candidate_layers(model):
     return [
         layer
         for layer in model._flatten_layers(include_self=False, recursive=True)
-        if type(layer) in SUPPORTED_LAYER_TYPES
+        if block_class_for_layer(layer) is not None
     ]
 
 
@@ -185,23 +185,23 @@ class Capture:
         original = layer.call
         key = id(layer)
 
+        forward = block_class_for_layer(layer).forward
+
         def call(inputs, *args, **kwargs):
             record = self._record
             if record is None or self._paused or _is_symbolic(inputs) or not _is_training_call():
                 return original(inputs, *args, **kwargs)
-            activation = layer.activation
-            object.__setattr__(layer, "activation", keras.activations.linear)
-            try:
-                s = original(inputs, *args, **kwargs)
-            finally:
-                object.__setattr__(layer, "activation", activation)
-            if record.tape is None:
-                s = self._tap(record, key, s)
-            else:
-                record.tape.watch(s)
-            record.inputs[key].append(inputs)
-            record.preactivations[key].append(s)
-            return activation(s)
+
+            def tap(s):
+                if record.tape is None:
+                    s = self._tap(record, key, s)
+                else:
+                    record.tape.watch(s)
+                record.inputs[key].append(inputs)
+                record.preactivations[key].append(s)
+                return s
+
+            return forward(layer, original, tap, inputs, *args, **kwargs)
 
         call.__wrapped__ = original
         return call

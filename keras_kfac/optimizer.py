@@ -254,7 +254,7 @@ class KFAC(keras.optimizers.Optimizer):
                 continue
             if not all(self._var_key(v) in keys for v in block.variables):
                 continue  # frozen layer: nothing to update
-            method = curvature_lib.get(self._curvature_name(layer))
+            method = curvature_lib.get(block.fixed_curvature or self._curvature_name(layer))
             curvature = method(block, damping_mode=self.damping_mode, **options)
 
             def add_variable(name, shape, block=block, curvature=curvature, initializer="zeros"):

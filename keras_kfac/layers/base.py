@@ -1,5 +1,6 @@
 """The layer-block interface and the registry of supported layer types."""
 
+import keras
 import tensorflow as tf
 
 
@@ -12,6 +13,10 @@ class LayerBlock:
     """
 
     layer_types = ()
+    #: Name of the curvature class this block always uses, whatever
+    #: ``KFAC(curvature=...)`` says (blocks that are not Kronecker-factored,
+    #: e.g. scale-and-shift); None: the user's choice.
+    fixed_curvature = None
 
     def __init__(self, layer):
         self.layer = layer
@@ -63,6 +68,26 @@ class LayerBlock:
             return [kernel, v[-1]]
         return [kernel]
 
+    @staticmethod
+    def forward(layer, call, tap, inputs, *args, **kwargs):
+        """Run ``layer``'s original ``call`` for the instrumentation, passing
+        the tensor whose loss gradient is the block's ``g`` through ``tap``
+        (which records it and returns the tensor to continue with).
+
+        Here that tensor is the pre-activation output: the layer's own
+        activation is set to linear for the call and applied afterwards, so
+        fused activations work. Blocks whose ``g`` lives elsewhere override
+        this."""
+        activation = getattr(layer, "activation", None)
+        if activation is None:
+            return tap(call(inputs, *args, **kwargs))
+        object.__setattr__(layer, "activation", keras.activations.linear)
+        try:
+            s = call(inputs, *args, **kwargs)
+        finally:
+            object.__setattr__(layer, "activation", activation)
+        return activation(tap(s))
+
     def _locations(self, inputs):
         raise NotImplementedError
 
@@ -92,6 +117,14 @@ def unsupported_reason(layer):
                 f"{cls.layer_types[0].__name__} may change the forward pass"
             )
     return "layer type has no curvature block"
+
+
+def block_class_for_layer(layer):
+    """The block class for ``layer``'s type (None when it has none)."""
+    for cls in _BLOCK_TYPES:
+        if type(layer) in cls.layer_types:
+            return cls
+    return None
 
 
 def block_for_layer(layer):
