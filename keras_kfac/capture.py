@@ -99,16 +99,26 @@ class Capture:
     the optimizer is built (layers may not be built before the first call).
     """
 
-    def __init__(self, model, sampled):
+    def __init__(self, model, sampled, layers=None, inference=False):
+        # ``layers``: instrument only these (default: every layer with a
+        # block). ``inference``: record every forward pass run under a tape,
+        # training or not (brute-force references evaluate the model with
+        # ``training=False``).
         self.sampled = sampled
+        self.inference = inference
         self._record = None
         self._originals = []
         self._paused = False
         self._wrap(model, "call", self._model_call(model.call))
         if callable(getattr(model, "compute_loss", None)):
             self._wrap(model, "compute_loss", self._loss_call(model.compute_loss))
-        for layer in candidate_layers(model):
+        for layer in candidate_layers(model) if layers is None else layers:
             self._wrap(layer, "call", self._layer_call(layer))
+
+    def _records(self):
+        if self.inference:
+            return tape_record.could_possibly_record()
+        return _is_training_call()
 
     def _wrap(self, obj, name, fn):
         had_own = name in obj.__dict__
@@ -165,7 +175,7 @@ class Capture:
 
     def _model_call(self, original):
         def call(*args, **kwargs):
-            if self._paused or _is_symbolic(args) or not _is_training_call():
+            if self._paused or _is_symbolic(args) or not self._records():
                 return original(*args, **kwargs)
             tape = tf.GradientTape(persistent=True) if self.sampled else None
             record = StepRecord(tape)
@@ -189,7 +199,7 @@ class Capture:
 
         def call(inputs, *args, **kwargs):
             record = self._record
-            if record is None or self._paused or _is_symbolic(inputs) or not _is_training_call():
+            if record is None or self._paused or _is_symbolic(inputs) or not self._records():
                 return original(inputs, *args, **kwargs)
 
             def tap(s):

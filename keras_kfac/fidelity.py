@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_kfac import curvature as curvature_lib
+from keras_kfac.capture import Capture
 from keras_kfac.curvature.base import LayerBatch
 from keras_kfac.layers import block_for_layer
 
@@ -41,10 +42,11 @@ def _layer(model, layer):
 
 
 def per_example_gradients(model, layer, x, y, loss):
-    """``u_i = grad l_i`` w.r.t. ``concat(flatten(kernel), bias)``, shape (n, P)."""
+    """``u_i = grad l_i`` w.r.t. the layer block's variables, concatenated in
+    parameter order (``concat(flatten(kernel), bias)``), shape (n, P)."""
     layer = _layer(model, layer)
     fn = per_example_loss_fn(loss)
-    params = [layer.kernel] + ([layer.bias] if layer.bias is not None else [])
+    params = block_for_layer(layer).variables
     with tf.GradientTape() as tape:
         losses = tf.reshape(fn(y, model(x, training=False)), (-1,))
     jac = tape.jacobian(losses, params)
@@ -59,37 +61,24 @@ def exact_fisher_block(model, layer, x, y, loss):
 
 
 def layer_batch(model, layer, x, y, loss):
-    """The layer's :class:`LayerBatch` for ``(x, y)``: inputs recorded by
-    temporarily wrapping ``layer.call`` and ``g_i = d l_i / d s_i`` at the
-    pre-activation ``s`` (gradient of the summed per-example losses)."""
+    """The layer's :class:`LayerBatch` for ``(x, y)`` with the model in
+    inference mode, recorded by the optimizer's own instrumentation
+    (:class:`keras_kfac.capture.Capture`, restricted to ``layer``), with
+    ``g_i = d l_i / d s_i`` (gradient of the summed per-example losses)."""
     layer = _layer(model, layer)
     block = block_for_layer(layer)
     fn = per_example_loss_fn(loss)
-    inputs, pre = [], []
-    original = layer.call
-    activation = layer.activation
-
-    with tf.GradientTape() as tape:
-
-        def call(z, *args, **kwargs):
-            object.__setattr__(layer, "activation", keras.activations.linear)
-            try:
-                s = original(z, *args, **kwargs)
-            finally:
-                object.__setattr__(layer, "activation", activation)
-            tape.watch(s)
-            inputs.append(z)
-            pre.append(s)
-            return activation(s)
-
-        object.__setattr__(layer, "call", call)
-        try:
-            losses = fn(y, model(x, training=False))
-        finally:
-            object.__delattr__(layer, "call")
-        total = tf.reduce_sum(losses)
-    grads = tape.gradient(total, pre)
-    return LayerBatch(block, inputs, grads, 1.0)
+    capture = Capture(model, sampled=False, layers=[layer], inference=True)
+    try:
+        with tf.GradientTape() as tape:
+            total = tf.reduce_sum(fn(y, model(x, training=False)))
+        # Back-propagating to the layer's variables runs the recording taps.
+        tape.gradient(total, block.variables)
+        record = capture.current()
+    finally:
+        capture.remove()
+    key = id(layer)
+    return LayerBatch(block, record.inputs[key], record.output_grads[key], 1.0)
 
 
 def fitted_curvature(method, model, layer, x, y, loss, damping=1e-3, **options):
