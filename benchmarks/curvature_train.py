@@ -87,7 +87,7 @@ def main(argv=None):
         timer = Timer()
         t0 = time.time()
         model.fit(x, x, batch_size=args.batch, epochs=1, shuffle=False, verbose=0, callbacks=[timer])
-        curv = sorted({c.name for c in opt._curvatures})
+        curv = sorted({c.name for c in opt.estimator.curvatures})
         row = dict(
             method=method,
             blocks=curv,

@@ -43,7 +43,7 @@ def build(strategy, width, layers, x, y, batch):
 def refresh_time(strategy, opt, reps):
     def replica_fn():
         with distributed.replica_step() as replicas:
-            distributed.refresh(replicas, opt._curvatures, opt.damping)
+            distributed.refresh(replicas, opt.estimator.curvatures, opt.damping)
         return tf.constant(0.0)
 
     @tf.function

@@ -22,14 +22,15 @@ import keras
 import tensorflow as tf
 
 from keras_kfac import distributed
-from keras_kfac.optimizer import KFAC, _unwrap
+from keras_kfac.estimator import unwrap
+from keras_kfac.optimizer import KFAC
 
 
 def kfac_optimizer(model):
     """The (built) :class:`keras_kfac.KFAC` of a compiled model, through a
     ``LossScaleOptimizer`` if any."""
     wrapper = getattr(model, "optimizer", None)
-    opt = _unwrap(wrapper)
+    opt = unwrap(wrapper)
     if not isinstance(opt, KFAC):
         raise ValueError(
             "keras_kfac callbacks need a model compiled with keras_kfac.KFAC(); "
@@ -43,9 +44,7 @@ def kfac_optimizer(model):
 def _sync_trace(model, opt):
     """Retrace the train function once if the set of traced features (rho,
     diagnostics) changed since it was traced."""
-    monitor = opt._monitor
-    traced = monitor.traced_features
-    if traced is not None and traced != monitor.features() and model.train_function is not None:
+    if opt.monitor.trace_is_stale() and model.train_function is not None:
         model.make_train_function(force=True)
 
 
@@ -85,26 +84,20 @@ class AdaptiveDamping(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         opt = kfac_optimizer(self.model)
-        if opt._damping_schedule is not None:
+        if not opt.damping_is_adaptive:
             raise ValueError(
                 "AdaptiveDamping changes the damping variable, but this KFAC's "
                 "damping is a schedule; pass a number as damping=."
             )
         distributed.check_supported(self.model.distribute_strategy, quadratic_model=True)
-        monitor = opt._monitor
-        monitor.rho_enabled = True
-        monitor.rho_every.assign(self.every)
-        monitor.damping_decay.assign(self.decay)
-        monitor.min_damping.assign(self.min_damping)
-        monitor.max_damping.assign(self.max_damping)
-        monitor.rho_adapts_damping.assign(True)
+        opt.monitor.adapt_damping(self.every, self.decay, self.min_damping, self.max_damping)
         _sync_trace(self.model, opt)
         self._opt = opt
 
     def _log(self, logs):
         if logs is not None:
             logs["damping"] = float(self._opt.damping)
-            logs["rho"] = float(self._opt._monitor.scalars["rho"].numpy())
+            logs["rho"] = float(self._opt.diagnostics()["rho"].numpy())
 
     def on_train_batch_end(self, batch, logs=None):
         self._log(logs)
@@ -113,9 +106,7 @@ class AdaptiveDamping(keras.callbacks.Callback):
         self._log(logs)
 
     def on_train_end(self, logs=None):
-        monitor = self._opt._monitor
-        monitor.rho_every.assign(0)
-        monitor.rho_adapts_damping.assign(False)
+        self._opt.monitor.adapt_damping(0, self.decay, self.min_damping, self.max_damping)
 
 
 class DampingScheduler(keras.callbacks.Callback):
@@ -196,18 +187,17 @@ class CurvatureMonitor(keras.callbacks.Callback):
         _sync_trace(self.model, opt)
         self._opt = opt
         self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
-        self._written = int(opt._monitor.diagnostics_step.numpy())
+        self._written = opt.monitor.latest_diagnostics_step
 
     def on_train_batch_end(self, batch, logs=None):
-        monitor = self._opt._monitor
-        step = int(monitor.diagnostics_step.numpy())
+        step = self._opt.monitor.latest_diagnostics_step
         if step > self._written:
             self._write(step)
             self._written = step
 
     def _write(self, step):
         opt = self._opt
-        monitor = opt._monitor
+        monitor = opt.monitor
         values = {k: v.numpy() for k, v in opt.diagnostics().items()}
         names = ["rho", "update_norm", "grad_norm", "grad_cosine", "skipped_steps"]
         names += ["alpha", "mu"] if opt.adaptive_step else ["kl_clip_scale"]
@@ -229,7 +219,7 @@ class CurvatureMonitor(keras.callbacks.Callback):
         self._writer.flush()
 
     def on_train_end(self, logs=None):
-        self._opt._monitor.diagnostics_every.assign(0)
+        self._opt.monitor.track(0)
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -26,9 +26,8 @@ import weakref
 
 import keras
 import tensorflow as tf
-from keras.src.backend.common import global_state
-from tensorflow.python.eager import record as tape_record
 
+from keras_kfac import compat
 from keras_kfac.curvature.base import LayerBatch
 from keras_kfac.layers.base import block_class_for_layer
 
@@ -50,14 +49,6 @@ def _graph_reaches(recorded, current):
             return True
         graph = getattr(graph, "outer_graph", None)
     return False
-
-
-def _is_training_call():
-    ctx = global_state.get_global_attribute("current_call_ctx")
-    training = None if ctx is None else ctx.get_value("training")
-    if training is None:
-        return tape_record.could_possibly_record()
-    return bool(training) and tape_record.could_possibly_record()
 
 
 def _is_symbolic(x):
@@ -87,7 +78,7 @@ def candidate_layers(model):
     """Every layer of ``model`` (nested ones too) of a type with a block."""
     return [
         layer
-        for layer in model._flatten_layers(include_self=False, recursive=True)
+        for layer in compat.flatten_layers(model)
         if block_class_for_layer(layer) is not None
     ]
 
@@ -117,8 +108,8 @@ class Capture:
 
     def _records(self):
         if self.inference:
-            return tape_record.could_possibly_record()
-        return _is_training_call()
+            return compat.tape_could_record()
+        return compat.is_training_call()
 
     def _wrap(self, obj, name, fn):
         had_own = name in obj.__dict__

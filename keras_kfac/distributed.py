@@ -46,24 +46,13 @@ XLA-compiled GPU steps: variable updates then go to the local copy.
 import contextlib
 
 import tensorflow as tf
-from tensorflow.python.distribute import cross_device_ops as cross_device_ops_lib
-from tensorflow.python.distribute import mirrored_strategy
-from tensorflow.python.ops import control_flow_util
 
+from keras_kfac import compat
 from keras_kfac.curvature.base import LayerBatch
 
 
 class DistributionError(RuntimeError):
     pass
-
-
-def _in_xla_context():
-    graph = tf.compat.v1.get_default_graph()
-    return control_flow_util.GraphOrParentsInXlaContext(graph)
-
-
-def _is_mirrored(strategy):
-    return isinstance(strategy.extended, mirrored_strategy.MirroredExtended)
 
 
 def check_supported(strategy, jit_compile=False, run_eagerly=False, quadratic_model=False):
@@ -78,7 +67,7 @@ def check_supported(strategy, jit_compile=False, run_eagerly=False, quadratic_mo
             "apart. Under a tf.distribute strategy use adaptive_step=False and a fixed "
             "damping (or a damping schedule / DampingScheduler)."
         )
-    if _is_mirrored(strategy) and jit_compile:
+    if compat.is_mirrored(strategy) and jit_compile:
         raise DistributionError(
             f"jit_compile=True does not work with {type(strategy).__name__} and "
             f"{strategy.num_replicas_in_sync} replicas in Keras 3 with TensorFlow: the "
@@ -105,17 +94,13 @@ class Replicas:
         self.replica_id = context.replica_id_in_sync_group
         self._context = context
         self._launcher = None
-        if _is_mirrored(strategy):
-            extended = strategy.extended
-            ops = getattr(extended, "_collective_ops", None)
-            if not isinstance(ops, cross_device_ops_lib.CollectiveAllReduce):
-                ops = getattr(extended, "_cross_device_ops", None)
-            if not isinstance(ops, cross_device_ops_lib.CollectiveAllReduce):
+        if compat.is_mirrored(strategy):
+            self._launcher = compat.collective_launcher(strategy, context)
+            if self._launcher is None:
                 raise DistributionError(
                     f"KFAC needs collective ops under {type(strategy).__name__}; this "
-                    f"strategy uses {type(ops).__name__}."
+                    f"strategy uses {compat.cross_device_ops_name(strategy)}."
                 )
-            self._launcher = ops._launchers[context._replica_id]  # pylint: disable=protected-access
         self._offset = None
 
     # --- primitives -----------------------------------------------------------
@@ -192,7 +177,7 @@ def current():
         return None
     if tf.executing_eagerly():
         check_supported(strategy, run_eagerly=True)
-    if _is_mirrored(strategy) and _in_xla_context():
+    if compat.is_mirrored(strategy) and compat.in_xla_context():
         check_supported(strategy, jit_compile=True)
     return Replicas(strategy, context)
 
@@ -210,20 +195,11 @@ def replica_step():
     MirroredStrategy does for XLA-compiled GPU steps.
     """
     replicas = current()
-    if replicas is None or not _is_mirrored(replicas.strategy):
+    if replicas is None or not compat.is_mirrored(replicas.strategy):
         yield replicas
         return
-    extended = replicas.strategy.extended
-    had_own = "_use_merge_call" in extended.__dict__
-    previous = extended.__dict__.get("_use_merge_call")
-    extended._use_merge_call = lambda: False  # pylint: disable=protected-access
-    try:
+    with compat.merge_call_disabled(replicas.strategy):
         yield replicas
-    finally:
-        if had_own:
-            extended._use_merge_call = previous
-        else:
-            del extended._use_merge_call
 
 
 def sum_over_replicas(values):
@@ -305,5 +281,5 @@ def local_copy(variable):
         and tf.distribute.has_strategy()
         and tf.distribute.get_replica_context() is not None
     ):
-        return value._get_on_device_or_primary()  # pylint: disable=protected-access
+        return compat.local_component(value)
     return variable

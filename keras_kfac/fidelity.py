@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_kfac import compat
 from keras_kfac import curvature as curvature_lib
 from keras_kfac.capture import Capture
 from keras_kfac.curvature.base import LayerBatch
@@ -29,10 +30,10 @@ def per_example_loss_fn(loss):
     """``loss`` (name, function or ``keras.losses.Loss``) as a function
     returning the (n,) per-example losses."""
     if isinstance(loss, keras.losses.Loss):
-        fn = getattr(loss, "fn", None)
-        kwargs = getattr(loss, "_fn_kwargs", {})
-        if fn is None:
+        parts = compat.loss_function(loss)
+        if parts is None:
             raise ValueError(f"Cannot get per-example values from {loss!r}; pass a loss function.")
+        fn, kwargs = parts
         return lambda y, p: fn(y, p, **kwargs)
     return keras.losses.get(loss)
 
@@ -126,7 +127,7 @@ def fidelity(model, x, y, loss, layers=None, methods=MATRIX_METHODS, max_paramet
     """
     if layers is None:
         layers = [
-            l for l in model._flatten_layers(include_self=False, recursive=True)
+            l for l in compat.flatten_layers(model)
             if block_for_layer(l) is not None and block_for_layer(l).num_parameters <= max_parameters
         ]
     result = {}

@@ -22,8 +22,9 @@ variables: changing them never retraces.
 import numpy as np
 import tensorflow as tf
 
-from keras_kfac import quadratic
+from keras_kfac import compat, quadratic
 from keras_kfac.curvature import factors as factor_math
+from keras_kfac.estimator import MAX_DENSE_PARAMETERS
 from keras_kfac.graph_util import run_if
 
 #: Names of the optimizer-level scalars in :meth:`StepMonitor.values`.
@@ -75,7 +76,7 @@ class StepMonitor:
         self.diagnostics_every = _variable(0, tf.int64)
         self.diagnostics_step = _variable(-1, tf.int64)
         self.layers = {}
-        for block, curvature in zip(opt._blocks, opt._curvatures):
+        for block, curvature in zip(opt.estimator.blocks, opt.estimator.curvatures):
             entry = {"preconditioned_grad_norm": _variable(nan), "fidelity_relative_error": _variable(nan)}
             factors = curvature.factors()
             if "A" in factors and "G" in factors:
@@ -86,6 +87,34 @@ class StepMonitor:
                     entry[f"{f}_spectrum"] = _variable(np.zeros((dim,), np.float32))
             self.layers[block.name] = entry
         self.built = True
+
+    # --- configuration (callbacks and KFAC.track_diagnostics) ------------------
+    def track(self, every=100, histograms=True, fidelity_layers=()):
+        """Compute diagnostics every ``every`` steps (0 disables)."""
+        self._check_fidelity_layers(tuple(fidelity_layers))
+        self.diagnostics_enabled = every > 0
+        self.histograms = bool(histograms)
+        self.fidelity_layers = tuple(fidelity_layers)
+        self.diagnostics_every.assign(int(every))
+
+    def adapt_damping(self, every, decay, min_damping, max_damping):
+        """Compute ``rho`` every ``every`` steps and apply the
+        Levenberg-Marquardt rule to the damping there (``every=0`` stops)."""
+        self.rho_enabled = self.rho_enabled or every > 0
+        self.rho_every.assign(int(every))
+        self.damping_decay.assign(float(decay))
+        self.min_damping.assign(float(min_damping))
+        self.max_damping.assign(float(max_damping))
+        self.rho_adapts_damping.assign(every > 0)
+
+    def trace_is_stale(self):
+        """Whether the train function was traced with other features than
+        the current ones (it must then be retraced)."""
+        return self.traced_features is not None and self.traced_features != self.features()
+
+    @property
+    def latest_diagnostics_step(self):
+        return int(self.diagnostics_step.numpy())
 
     def features(self):
         """What is traced into the train step (changes need a retrace)."""
@@ -103,17 +132,17 @@ class StepMonitor:
                 "fidelity_layers needs KFAC(fisher='sampled'): the exact block is "
                 "computed through the sampled-Fisher pass's tape."
             )
-        known = {b.name: b for b in opt._blocks}
+        known = {b.name: b for b in opt.estimator.blocks}
         for name in names:
             if name not in known:
                 raise ValueError(
                     f"fidelity_layers: {name!r} has no curvature block; blocks: "
                     f"{', '.join(known) or '(none)'}."
                 )
-            if known[name].num_parameters > opt_max_dense():
+            if known[name].num_parameters > MAX_DENSE_PARAMETERS:
                 raise ValueError(
                     f"fidelity_layers: {name!r} has {known[name].num_parameters} "
-                    f"parameters; the exact block is only built up to {opt_max_dense()}."
+                    f"parameters; the exact block is only built up to {MAX_DENSE_PARAMETERS}."
                 )
 
     # --- the step -----------------------------------------------------------
@@ -142,7 +171,7 @@ class StepMonitor:
         self._step["rho_now"] = rho_now
         self._step["diag_now"] = diag_now
         if self.rho_enabled or self.diagnostics_enabled:
-            model = opt._model()
+            model = opt.estimator.model()
             self._step["old"] = [tf.identity(v.value) for v in model.trainable_variables]
 
     def objective(self):
@@ -159,16 +188,16 @@ class StepMonitor:
                     "GradientTape of a hand-written loop (compile the model with a loss)."
                 )
             opt = self._optimizer_ref
-            step["objective"] = quadratic.BatchObjective(opt._model(), opt._capture, record.loss_args)
+            step["objective"] = quadratic.BatchObjective(opt.estimator.model(), opt.estimator.capture, record.loss_args)
         return step["objective"]
 
     def _model_grads(self, grads, variables):
         """The step's gradients aligned with ``model.trainable_variables``."""
         opt = self._optimizer_ref
-        by_key = {opt._var_key(v): g for g, v in zip(grads, variables)}
+        by_key = {compat.variable_key(opt, v): g for g, v in zip(grads, variables)}
         out = []
-        for v in opt._model().trainable_variables:
-            g = by_key.get(opt._var_key(v))
+        for v in opt.estimator.model().trainable_variables:
+            g = by_key.get(compat.variable_key(opt, v))
             out.append(tf.zeros(v.shape, tf.float32) if g is None else tf.cast(g, tf.float32))
         return out
 
@@ -177,21 +206,25 @@ class StepMonitor:
         if self._step is not None:
             self._step.update(matrices=matrices, preconditioned=preconditioned, nu=scale)
 
-    def adaptive_directions(self, grads, variables, position, preconditioned, damping):
+    def adaptive_directions(self, grads, variables, preconditioned):
         """Sec. 7: per block variable, the direction ``-(alpha Delta + mu
         delta_prev)`` with ``Delta = -P(grad)``, ``delta_prev`` the previous
         update, and ``(alpha, mu)`` minimising the exact quadratic model."""
         opt = self._optimizer_ref
         damping = self._step["damping"]
-        model_vars = opt._model().trainable_variables
-        index = {opt._var_key(v): i for i, v in enumerate(model_vars)}
+        def key(v):
+            return compat.variable_key(opt, v)
+
+        model_vars = opt.estimator.model().trainable_variables
+        index = {key(v): i for i, v in enumerate(model_vars)}
+        position = {key(v): i for i, v in enumerate(variables)}
         natural = [tf.zeros(v.shape, tf.float32) for v in model_vars]
         previous = [tf.zeros(v.shape, tf.float32) for v in model_vars]
-        for block, p in zip(opt._blocks, preconditioned):
+        for block, p in zip(opt.estimator.blocks, preconditioned):
             for w, d in zip(block.variables, block.from_matrix(-p)):
-                i = index[opt._var_key(w)]
+                i = index[key(w)]
                 natural[i] = d
-                previous[i] = tf.cast(opt._previous_updates[opt._get_variable_index(w)], tf.float32)
+                previous[i] = tf.cast(opt.previous_update(w), tf.float32)
         objective = self.objective()
         values = objective.current_values()
         q, loss = quadratic.gram(objective, values, [natural, previous], damping)
@@ -202,11 +235,11 @@ class StepMonitor:
         self.scalars["mu"].assign(mu)
         self._step.update(model_reduction=reduction, loss_before=loss)
         directions = list(grads)
-        for block in opt._blocks:
+        for block in opt.estimator.blocks:
             for w in block.variables:
-                i = index[opt._var_key(w)]
+                i = index[key(w)]
                 delta = alpha * natural[i] + mu * previous[i]
-                directions[position[opt._var_key(w)]] = tf.cast(-delta, w.dtype)
+                directions[position[key(w)]] = tf.cast(-delta, w.dtype)
         return directions
 
     def end(self, grads, variables, damping):
@@ -217,7 +250,7 @@ class StepMonitor:
         step = self._step
         damping = step["damping"]
         opt = self._optimizer_ref
-        model_vars = opt._model().trainable_variables
+        model_vars = opt.estimator.model().trainable_variables
         new = [v.value for v in model_vars]
         delta = [tf.cast(n, tf.float32) - tf.cast(o, tf.float32) for n, o in zip(new, step["old"])]
 
@@ -226,7 +259,7 @@ class StepMonitor:
             g = self._model_grads(grads, variables)
             exact_reuse = (
                 "model_reduction" in step
-                and not opt._fallback_keys
+                and not opt.estimator.fallback_variables
                 and opt.weight_decay is None
             )
             if exact_reuse:
@@ -239,14 +272,14 @@ class StepMonitor:
             rho = quadratic.reduction_ratio(after - before, predicted)
             self.scalars["rho"].assign(rho)
             self.rho_step.assign(opt.iterations + 1)
-            if opt._damping is not None:
+            if opt.damping_is_adaptive:
                 adapted = quadratic.levenberg_marquardt(
-                    opt._damping, rho, self.damping_decay, self.min_damping, self.max_damping
+                    opt.damping, rho, self.damping_decay, self.min_damping, self.max_damping
                 )
                 # Only on AdaptiveDamping's steps (rho is also computed on
                 # logging steps, for the curve).
                 adapt = self.rho_adapts_damping & step["rho_now"]
-                opt._damping.assign(tf.where(adapt, adapted, opt._damping))
+                opt.adapt_damping(tf.where(adapt, adapted, opt.damping))
 
         # rho on AdaptiveDamping's steps, and on logging steps when the batch
         # loss can be re-evaluated (model.compute_loss was called).
@@ -275,9 +308,9 @@ class StepMonitor:
             inner = quadratic.dot(vs, ps)
             norms = tf.sqrt(quadratic.dot(vs, vs) * quadratic.dot(ps, ps))
             s["grad_cosine"].assign(tf.math.divide_no_nan(inner, norms))
-            for block, p in zip(opt._blocks, ps):
+            for block, p in zip(opt.estimator.blocks, ps):
                 self.layers[block.name]["preconditioned_grad_norm"].assign(tf.norm(p))
-        for block, curvature in zip(opt._blocks, opt._curvatures):
+        for block, curvature in zip(opt.estimator.blocks, opt.estimator.curvatures):
             entry = self.layers[block.name]
             factors = curvature.factors()
             if "pi" not in entry:
@@ -305,11 +338,11 @@ class StepMonitor:
         # the compiled step on the recorded batch.)
         opt = self._optimizer_ref
         objective = self.objective()
-        names = [b.name for b in opt._blocks]
+        estimator = opt.estimator
         for name in self.fidelity_layers:
-            i = names.index(name)
-            exact = quadratic.exact_ggn_block(objective, self._step["record"], opt._blocks[i])
-            approx = tf.convert_to_tensor(opt._curvatures[i].matrix())
+            i = estimator.block_index(name)
+            exact = quadratic.exact_ggn_block(objective, self._step["record"], estimator.blocks[i])
+            approx = tf.convert_to_tensor(estimator.curvatures[i].matrix())
             error = quadratic.relative_error(exact, approx)
             self.layers[name]["fidelity_relative_error"].assign(tf.cast(error, tf.float32))
 
@@ -340,12 +373,6 @@ def factor_spectrum(m):
     safe = tf.where(ok, factor_math.symmetrize(m), tf.eye(tf.shape(m)[0], dtype=m.dtype))
     evals = tf.maximum(tf.linalg.eigvalsh(safe), 0.0)
     return tf.where(ok, evals, float("nan"))
-
-
-def opt_max_dense():
-    from keras_kfac.optimizer import MAX_DENSE_PARAMETERS
-
-    return MAX_DENSE_PARAMETERS
 
 
 __all__ = ["StepMonitor", "SCALARS", "FACTOR_SCALARS", "factor_spectrum"]

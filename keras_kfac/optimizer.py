@@ -5,26 +5,27 @@ Martens & Grosse 2015 (arXiv 1503.05671) for Dense layers, Grosse & Martens
 through :mod:`keras_kfac.curvature`.
 """
 
-import inspect
 import math
-import weakref
+import warnings
 
 import keras
 import tensorflow as tf
-from keras.src.optimizers.loss_scale_optimizer import LossScaleOptimizer
 
+from keras_kfac import compat
 from keras_kfac import curvature as curvature_lib
 from keras_kfac import distributed
-from keras_kfac.capture import Capture, candidate_layers
-from keras_kfac.layers import block_for_layer, unsupported_reason
-from keras_kfac.losses import SampledLoss
-from keras_kfac.monitoring import StepMonitor
+from keras_kfac.estimator import (
+    CADENCE_OPTIONS,
+    CurvatureEstimator,
+    check_options,
+    register_model_discovery,
+    unwrap,
+)
 from keras_kfac.graph_util import run_if
+from keras_kfac.monitoring import StepMonitor
 
 FISHER_TYPES = ("sampled", "empirical")
 DAMPING_MODES = ("factored", "eigen")
-#: Largest block (in parameters) for which ``curvature_matrix`` builds a dense matrix.
-MAX_DENSE_PARAMETERS = 8192
 
 
 def check_backend():
@@ -38,10 +39,13 @@ def check_backend():
         )
 
 
-def _unwrap(optimizer):
-    while isinstance(optimizer, LossScaleOptimizer):
-        optimizer = optimizer.inner_optimizer
-    return optimizer
+def _dense_values(gradient):
+    """The values of a dense or sparse (``IndexedSlices``) gradient."""
+    return gradient.values if isinstance(gradient, tf.IndexedSlices) else gradient
+
+
+def _all_finite(tensors):
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(_dense_values(t))) for t in tensors])
 
 
 @keras.saving.register_keras_serializable(package="keras_kfac")
@@ -55,9 +59,10 @@ class KFAC(keras.optimizers.Optimizer):
     Each Dense and Conv2D layer gets a curvature block (``curvature=``); the
     update of its parameters is ``-lr * P(grad)`` with ``P`` the damped inverse
     of the block's approximate Fisher, then KL clipping and heavy-ball momentum.
-    All other trainable variables (BatchNormalization, Embedding, custom
-    layers, subclasses of Dense/Conv2D, grouped convolutions) are updated by
-    Adam with ``fallback_learning_rate``. ``summary()`` lists which is which.
+    All other trainable variables (layers without a block) are updated by a
+    ``keras.optimizers.Adam`` with ``fallback_learning_rate`` (and this
+    optimizer's ``weight_decay`` at that rate), saved with the model.
+    ``summary()`` lists which is which.
 
     Args:
         learning_rate: float or ``keras.optimizers.schedules`` schedule.
@@ -82,9 +87,10 @@ class KFAC(keras.optimizers.Optimizer):
             ``model.compile``. Needed for hand-written training loops.
         loss: loss used to sample targets for ``fisher="sampled"`` in
             hand-written loops (defaults to the model's compiled loss).
-        fallback_learning_rate: Adam learning rate for variables outside a
-            curvature block.
-        curvature_options: extra keyword arguments for the curvature classes.
+        fallback_learning_rate: learning rate of the Adam fallback for
+            variables outside a curvature block.
+        curvature_options: extra keyword arguments for the curvature classes
+            (an unknown key is an error listing the valid ones).
         seed: seed of the target sampling.
         adaptive_step: choose the learning rate alpha and momentum mu of every
             step by minimising the exact quadratic model (GGN on the batch)
@@ -131,6 +137,7 @@ class KFAC(keras.optimizers.Optimizer):
             kl_clip=kl_clip,
             fallback_learning_rate=fallback_learning_rate,
         )
+        check_options(curvature, dict(curvature_options or {}))
         super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, name=name, **kwargs)
         self.momentum = float(momentum)
         self.curvature = curvature
@@ -146,34 +153,37 @@ class KFAC(keras.optimizers.Optimizer):
         self.seed = seed
         self.adaptive_step = bool(adaptive_step)
         self._monitor = StepMonitor(self)
-        with keras.name_scope(self.name, caller=self):
-            if isinstance(damping, keras.optimizers.schedules.LearningRateSchedule) or callable(damping):
-                self._damping_schedule = damping
-                self._damping = None
-            else:
-                self._damping_schedule = None
-                self._damping = keras.Variable(
-                    float(damping), name="damping", dtype="float32", trainable=False
-                )
-                self._track_variable(self._damping)
-            self._stats_updates = keras.Variable(
-                0, name="stats_updates", dtype="int64", trainable=False
+        if isinstance(damping, keras.optimizers.schedules.LearningRateSchedule) or callable(damping):
+            self._damping_schedule = damping
+            self._damping = None
+        else:
+            self._damping_schedule = None
+            self._damping = self.add_variable(
+                (), initializer=keras.initializers.Constant(float(damping)), dtype="float32", name="damping"
             )
-            self._track_variable(self._stats_updates)
-            self._skipped_steps = keras.Variable(
-                0, name="skipped_steps", dtype="int64", trainable=False
-            )
-            self._track_variable(self._skipped_steps)
-            self._seed_generator = keras.random.SeedGenerator(seed, name="fisher_seed")
-            self._track_variable(self._seed_generator.state)
-        self._model_ref = None
-        self._capture = None
+        self._stats_updates = self.add_variable((), dtype="int64", name="stats_updates")
+        self._skipped_steps = self.add_variable((), dtype="int64", name="skipped_steps")
+        self._seed_generator = keras.random.SeedGenerator(seed, name="fisher_seed")
+        # Assigning a keras.Variable to an optimizer attribute tracks it
+        # (saved with the optimizer).
+        self._fisher_seed_state = self._seed_generator.state
+        # Variables outside every curvature block: Keras's own Adam, with this
+        # optimizer's weight decay at the fallback's learning rate (AdamW).
+        self._fallback = keras.optimizers.Adam(
+            learning_rate=self.fallback_learning_rate,
+            weight_decay=weight_decay,
+            name=f"{name}_fallback",
+        )
+        self._estimator = None
         self._replicas = None  # keras_kfac.distributed.Replicas during a replicated step
-        self._blocks = []
-        self._curvatures = []
-        self._fallback_keys = set()
         if model is not None:
             self.register(model)
+
+    @property
+    def variables(self):
+        # The fallback's state is saved and restored with this optimizer's
+        # (as keras.optimizers.LossScaleOptimizer does for its inner one).
+        return self._variables + self._fallback.variables
 
     # --- the model ---------------------------------------------------------
     def register(self, model):
@@ -181,52 +191,64 @@ class KFAC(keras.optimizers.Optimizer):
         you; call it (or pass ``model=``) for hand-written training loops."""
         if not isinstance(model, keras.Model):
             raise TypeError(f"KFAC.register expects a keras.Model, got {type(model).__name__}.")
-        current = self._model()
-        if current is model:
+        if self._model() is model:
             return
         if self.built:
             raise ValueError(
                 "This KFAC optimizer is already built for another model; create a "
                 "new KFAC() for each model."
             )
-        if self._capture is not None:
-            self._capture.remove()
-        # A weak reference: the model owns the optimizer, not the other way
-        # round (no checkpoint dependency, no reference cycle).
         if self.fisher == "sampled" and len(getattr(model, "outputs", None) or []) > 1:
             raise ValueError(
                 f"fisher='sampled' supports models with one output; {model.name!r} has "
                 f"{len(model.outputs)}. Use KFAC(fisher='empirical'), which works with "
                 "several outputs and losses."
             )
-        self._model_ref = weakref.ref(model)
-        self._capture = Capture(model, sampled=self.fisher == "sampled")
+        if self._estimator is not None:
+            self._estimator.remove()
+        options = dict(
+            {"stats_every": self.stats_every, "inverse_every": self.inverse_every},
+            **self.curvature_options,
+        )
+        self._estimator = CurvatureEstimator(
+            model, self.curvature, self.fisher, self.damping_mode, options
+        )
+
+    @property
+    def fallback_optimizer(self):
+        """The ``keras.optimizers.Adam`` that trains the variables outside
+        every curvature block."""
+        return self._fallback
+
+    @property
+    def estimator(self):
+        """The :class:`keras_kfac.estimator.CurvatureEstimator` of the
+        registered model (None before ``register``/``compile``)."""
+        return self._estimator
 
     def _model(self):
         # Not a property: Keras's saving walks an optimizer's attributes, and
         # must not walk back into the model.
-        return None if self._model_ref is None else self._model_ref()
+        return None if self._estimator is None else self._estimator.model()
 
     def _find_model(self):
         """The registered model, else the Keras model whose ``fit``/``compile``
-        is building this optimizer (found on the call stack)."""
+        is building this optimizer."""
         if self._model() is not None:
             return self._model()
-        frame = inspect.currentframe()
-        for _ in range(12):
-            frame = frame.f_back if frame is not None else None
-            if frame is None:
-                break
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, keras.Model) and _unwrap(getattr(candidate, "optimizer", None)) is self:
-                self.register(candidate)
-                return candidate
-        raise ValueError(
-            "KFAC could not find the model it optimizes. Use "
-            "model.compile(optimizer=KFAC(...)), or, for a hand-written training "
-            "loop, KFAC(model=model) / optimizer.register(model) before the "
-            "first apply_gradients."
-        )
+        model = compat.model_on_call_stack(lambda m: unwrap(getattr(m, "optimizer", None)) is self)
+        if model is None:
+            raise ValueError(
+                "KFAC could not find the model it optimizes. Use "
+                "model.compile(optimizer=KFAC(...)), or, for a hand-written training "
+                "loop, KFAC(model=model) / optimizer.register(model) before the "
+                "first apply_gradients."
+            )
+        self.register(model)
+        return model
+
+    def _key(self, variable):
+        return compat.variable_key(self, variable)
 
     # --- state ---------------------------------------------------------------
     def build(self, variables):
@@ -241,66 +263,30 @@ class KFAC(keras.optimizers.Optimizer):
                 run_eagerly=bool(getattr(model, "run_eagerly", False)),
                 quadratic_model=self.adaptive_step,
             )
-        keys = {self._var_key(v): v for v in variables}
-        options = dict(
-            {"stats_every": self.stats_every, "inverse_every": self.inverse_every},
-            **self.curvature_options,
-        )
-        self._blocks, self._curvatures, self._unsupported = [], [], []
-        for layer in candidate_layers(model):
-            block = block_for_layer(layer)
-            if block is None:
-                self._unsupported.append((layer, unsupported_reason(layer)))
-                continue
-            if not all(self._var_key(v) in keys for v in block.variables):
-                continue  # frozen layer: nothing to update
-            method = curvature_lib.get(block.fixed_curvature or self._curvature_name(layer))
-            curvature = method(block, damping_mode=self.damping_mode, **options)
 
-            def add_variable(name, shape, block=block, curvature=curvature, initializer="zeros"):
-                variable = self.add_variable(
-                    shape, initializer=initializer, dtype="float32", name=f"{block.name}_{name}"
-                )
-                curvature.built_variables = getattr(curvature, "built_variables", []) + [variable]
-                return variable
+        def add_variable(name, shape, initializer):
+            return self.add_variable(shape, initializer=initializer, dtype="float32", name=name)
 
-            curvature.build(add_variable)
-            self._blocks.append(block)
-            self._curvatures.append(curvature)
-        block_keys = {self._var_key(v) for b in self._blocks for v in b.variables}
-        self._fallback_keys = {k for k in keys if k not in block_keys}
-        if self.fisher == "sampled" and self._blocks:
-            self._sampled_loss = SampledLoss.from_keras(
-                self.loss if self.loss is not None else getattr(model, "loss", None)
-            )
-        else:
-            self._sampled_loss = None
+        estimator = self._estimator
+        estimator.build(variables, add_variable, self._key, loss=self.loss)
+        self._fallback.build(estimator.fallback_variables)
         self._momentums = {}
-        self._adam_m, self._adam_v = {}, {}
         self._previous_updates = {}
         for v in variables:
+            if not estimator.covers(self._key(v)):
+                continue
             index = self._get_variable_index(v)
-            if self._var_key(v) in self._fallback_keys:
-                self._adam_m[index] = self.add_variable_from_reference(v, "adam_m")
-                self._adam_v[index] = self.add_variable_from_reference(v, "adam_v")
-            elif self.adaptive_step:
+            if self.adaptive_step:
                 self._previous_updates[index] = self.add_variable_from_reference(v, "previous_update")
             elif self.momentum > 0:
                 self._momentums[index] = self.add_variable_from_reference(v, "momentum")
-        if not self._blocks:
-            import warnings
-
+        if not estimator.blocks:
             warnings.warn(
-                "KFAC found no Dense or Conv2D layer to precondition in "
-                f"{model.name!r}; every variable is trained by the Adam fallback.",
+                f"KFAC found no layer with a curvature block in {model.name!r}; every "
+                "variable is trained by the Adam fallback (see KFAC.summary()).",
                 stacklevel=2,
             )
         self._monitor.build()
-
-    def _curvature_name(self, layer):
-        if isinstance(self.curvature, dict):
-            return self.curvature.get(layer.name, self.curvature.get("default", "kfac"))
-        return self.curvature
 
     # --- hyperparameters that callbacks change -----------------------------
     @property
@@ -317,6 +303,18 @@ class KFAC(keras.optimizers.Optimizer):
         self._damping.assign(float(value))
 
     @property
+    def damping_is_adaptive(self):
+        """True when damping is a variable (that the LM rule may adapt), not
+        a schedule."""
+        return self._damping_schedule is None
+
+    def adapt_damping(self, new_damping):
+        """Set the damping from a tensor inside the train step (the
+        Levenberg-Marquardt rule); no-op with a damping schedule."""
+        if self._damping is not None:
+            self._damping.assign(tf.cast(new_damping, tf.float32))
+
+    @property
     def skipped_steps(self):
         """Steps skipped because gradients, statistics or the update were not
         finite."""
@@ -325,10 +323,12 @@ class KFAC(keras.optimizers.Optimizer):
     def damping_multiplier(self, layer):
         """The damping multiplier of ``layer``'s block (1 unless a refresh of
         its inverse failed; see ``keras_kfac.curvature.kfac``)."""
-        curvature = self.curvature_for(layer)
-        curvature = getattr(curvature, "kfac", None) or curvature  # "auto"
-        multiplier = getattr(curvature, "damping_multiplier", None)
-        return tf.constant(1.0) if multiplier is None else multiplier.value
+        self._check_built()
+        return self._estimator.damping_multiplier(layer)
+
+    def previous_update(self, variable):
+        """The previous step's update of a block variable (``adaptive_step``)."""
+        return self._previous_updates[self._get_variable_index(variable)]
 
     def _skip_step(self):
         """A skipped step changes nothing and does not count as a step: Keras
@@ -337,12 +337,15 @@ class KFAC(keras.optimizers.Optimizer):
         self._skipped_steps.assign_add(1)
         # iterations is aggregated "only_first_replica"; under a strategy every
         # replica skips alike and takes back its own copy (no merge_call).
-        distributed.local_copy(self._iterations).assign_sub(1)
+        distributed.local_copy(self.iterations).assign_sub(1)
 
     # --- the update ------------------------------------------------------------
+    # Overrides of keras's TensorFlow optimizer hooks (keras 3.0 - 3.15.1;
+    # see keras_kfac.compat for the calls into it).
     def _apply_weight_decay(self, variables):
-        # Decoupled weight decay happens in `update_step`, so that a skipped
-        # (non-finite) step leaves the weights untouched.
+        # Decoupled weight decay happens in `update_step` (block variables) and
+        # in the fallback optimizer, so that a skipped step leaves the weights
+        # untouched.
         return
 
     def _backend_update_step(self, grads, variables, learning_rate):
@@ -355,65 +358,78 @@ class KFAC(keras.optimizers.Optimizer):
             finally:
                 self._replicas = None
 
-    def _update_step_in_replica(self, grads, variables, learning_rate):
-        grads = [g for g, _ in self._all_reduce_sum_gradients(list(zip(grads, variables)))]
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+    def _update_step_in_replica(self, local_grads, variables, learning_rate):
+        """One step: layer -> capture -> estimator (statistics, refresh,
+        precondition) -> KL clip -> Keras update; the fallback optimizer for
+        the variables outside every block. Non-finite gradients, statistics
+        or updates skip the whole step."""
+        pairs = compat.all_reduce_sum_gradients(self, list(zip(local_grads, variables)))
+        grads = [g for g, _ in pairs]
+        estimator = self._estimator
+        covered = [estimator.covers(self._key(v)) for v in variables]
+        fallback = [(g, v) for g, v, c in zip(local_grads, variables, covered) if not c and g is not None]
 
         def step():
             damping = self.damping
-            record = None if self._capture is None else self._capture.current()
+            record = estimator.capture.current()
             self._monitor.begin(grads, variables, record)
             directions, ok = self._natural_directions(grads, variables, learning_rate)
             # Never write NaN/Inf into the weights (e.g. damping 0 on a
             # singular factor): such a step is skipped too.
-            ok = ok & tf.reduce_all([tf.reduce_all(tf.math.is_finite(d)) for d in directions])
+            ok = ok & _all_finite([d for d, c in zip(directions, covered) if c])
 
             def apply():
-                pairs = [
+                block_pairs = [
                     (d, v.value if isinstance(v, keras.Variable) else v)
-                    for d, v in zip(directions, variables)
+                    for d, v, c in zip(directions, variables, covered)
+                    if c
                 ]
-                tf.__internal__.distribute.interim.maybe_merge_call(
-                    self._distributed_tf_update_step, self._distribution_strategy, pairs, learning_rate
-                )
+                if block_pairs:
+                    compat.apply_updates(self, block_pairs, learning_rate)
+                if fallback:
+                    # The fallback all-reduces its own (local) gradients.
+                    self._fallback.apply([g for g, _ in fallback], [v for _, v in fallback])
                 self._monitor.end(grads, variables, damping)
 
             run_if(ok, apply)
             run_if(tf.logical_not(ok), self._skip_step)
 
+        finite = _all_finite([g for g in grads if g is not None])
         run_if(finite, step)
         run_if(tf.logical_not(finite), self._skip_step)
-        if self._capture is not None:
-            self._capture.clear()
+        estimator.capture.clear()
 
     def _natural_directions(self, grads, variables, learning_rate):
-        """Preconditioned, KL-clipped directions for block variables; raw
-        gradients for fallback variables; and whether this step's statistics
-        were finite (if not, nothing was updated and the step is skipped)."""
-        if not self._blocks:
+        """Preconditioned, KL-clipped directions for block variables (the
+        gradients elsewhere), and whether this step's statistics were finite
+        (if not, nothing was updated and the step is skipped)."""
+        estimator = self._estimator
+        if not estimator.blocks:
             return list(grads), tf.constant(True)
-        record = self._capture.current()
+        record = estimator.capture.current()
         if record is None:
             raise ValueError(
                 "KFAC saw no training forward pass for this step. Call "
                 "`model(x, training=True)` inside the GradientTape before "
                 "`apply_gradients`, with the model KFAC was registered with."
             )
-        position = {self._var_key(v): i for i, v in enumerate(variables)}
         damping = self.damping
         step = self.iterations
-        uses_batch = any(c.uses_current_batch for c in self._curvatures)
-        current = self._batches(record) if uses_batch else None
+
+        def batches():
+            return estimator.batches(
+                record, seed=self._seed_generator, loss_scale=self._loss_scale(), replicas=self._replicas
+            )
+
+        current = batches() if estimator.uses_current_batch else None
 
         def update_statistics():
-            batches = current if current is not None else self._batches(record)
-            ok = _statistics_finite(batches)
+            this_step = current if current is not None else batches()
+            ok = estimator.statistics_finite(this_step)
 
             def apply():
                 decay = tf.where(self._stats_updates > 0, self.stats_decay, 0.0)
-                for curvature, batch in zip(self._curvatures, batches):
-                    if batch is not None:
-                        curvature.update_statistics(batch, decay)
+                estimator.update_statistics(this_step, decay)
                 self._stats_updates.assign_add(1)
 
             run_if(ok, apply)
@@ -424,28 +440,20 @@ class KFAC(keras.optimizers.Optimizer):
         )
         run_if(
             tf.equal(step % self.inverse_every, 0) & (self._stats_updates > 0) & stats_ok,
-            lambda: distributed.refresh(self._replicas, self._curvatures, damping),
+            lambda: estimator.refresh(damping, self._replicas),
         )
-
-        directions = list(grads)
-        preconditioned, inner, matrices = [], [], []
-        for i, (block, curvature) in enumerate(zip(self._blocks, self._curvatures)):
-            v = block.to_matrix([grads[position[self._var_key(w)]] for w in block.variables])
-            p = curvature.precondition(v, damping, None if current is None else current[i])
-            preconditioned.append(p)
-            matrices.append(v)
-            inner.append(tf.reduce_sum(v * p))
+        matrices = estimator.block_gradients(grads, variables, self._key)
+        preconditioned = estimator.precondition(matrices, damping, current)
         if self.adaptive_step:
             self._monitor.note_preconditioning(matrices, preconditioned, tf.constant(1.0))
-            directions = self._monitor.adaptive_directions(
-                grads, variables, position, preconditioned, damping
-            )
+            directions = self._monitor.adaptive_directions(grads, variables, preconditioned)
             return directions, stats_ok
-        scale = self._kl_scale(tf.add_n(inner), learning_rate)
+        inner = tf.add_n([tf.reduce_sum(v * p) for v, p in zip(matrices, preconditioned)])
+        scale = self._kl_scale(inner, learning_rate)
         self._monitor.note_preconditioning(matrices, preconditioned, scale)
-        for block, p in zip(self._blocks, preconditioned):
-            for w, d in zip(block.variables, block.from_matrix(scale * p)):
-                directions[position[self._var_key(w)]] = tf.cast(d, w.dtype)
+        directions = estimator.to_variables(
+            [scale * p for p in preconditioned], variables, self._key, list(grads)
+        )
         return directions, stats_ok
 
     def _kl_scale(self, grad_dot_update, learning_rate):
@@ -456,76 +464,42 @@ class KFAC(keras.optimizers.Optimizer):
         bound = tf.math.divide_no_nan(self.kl_clip, lr * lr * grad_dot_update)
         return tf.where(grad_dot_update > 0.0, tf.minimum(1.0, tf.sqrt(bound)), 1.0)
 
-    def _batches(self, record):
-        replicas = getattr(self, "_replicas", None)
-        batches = self._capture.batches(
-            record,
-            self._blocks,
-            sampled_loss=self._sampled_loss,
-            seed=self._seed_generator,
-            loss_scale=self._loss_scale(),
-            replicas=replicas,
-        )
-        if replicas is not None:
-            batches = replicas.gather_batches(batches)
-        return batches
-
     def _loss_scale(self):
         """The dynamic loss scale when a LossScaleOptimizer wraps this one."""
         wrapper = getattr(self._model(), "optimizer", None)
-        if isinstance(wrapper, LossScaleOptimizer) and _unwrap(wrapper) is self:
+        if isinstance(wrapper, keras.optimizers.LossScaleOptimizer) and unwrap(wrapper) is self:
             return tf.cast(wrapper.dynamic_scale, tf.float32)
         return None
 
     def update_step(self, gradient, variable, learning_rate):
-        """One variable's update, given its natural direction (block
-        variables) or its raw gradient (fallback variables)."""
+        """One block variable's update, given its natural direction."""
         lr = tf.cast(learning_rate, variable.dtype)
         gradient = tf.cast(gradient, variable.dtype)
         index = self._get_variable_index(variable)
         if self.weight_decay is not None and self._use_weight_decay(variable):
-            variable.assign_sub(variable * tf.cast(self.weight_decay, variable.dtype) * lr)
-        if index in self._adam_m:
-            m, v = self._adam_m[index], self._adam_v[index]
-            t = tf.cast(self.iterations + 1, variable.dtype)
-            m.assign(0.9 * m + 0.1 * gradient)
-            v.assign(0.999 * v + 0.001 * tf.square(gradient))
-            m_hat = m / (1.0 - tf.pow(0.9, t))
-            v_hat = v / (1.0 - tf.pow(0.999, t))
-            variable.assign_sub(self.fallback_learning_rate * m_hat / (tf.sqrt(v_hat) + 1e-7))
-        elif index in self._previous_updates:
+            self.assign_sub(variable, variable * tf.cast(self.weight_decay, variable.dtype) * lr)
+        if index in self._previous_updates:
             # adaptive_step: `gradient` is minus the whole update (sec. 7).
-            self._previous_updates[index].assign(-gradient)
-            variable.assign_sub(gradient)
+            self.assign(self._previous_updates[index], -gradient)
+            self.assign_sub(variable, gradient)
         elif index in self._momentums:
             m = self._momentums[index]
-            m.assign(self.momentum * m + gradient)
-            variable.assign_sub(lr * m)
+            self.assign(m, self.momentum * m + gradient)
+            self.assign_sub(variable, lr * m)
         else:
-            variable.assign_sub(lr * gradient)
+            self.assign_sub(variable, lr * gradient)
 
     # --- inspection ------------------------------------------------------------
-    def _block_index(self, layer):
+    def _check_built(self):
         if not self.built:
             raise ValueError("The optimizer is not built yet: train one step first.")
-        for i, block in enumerate(self._blocks):
-            if block.layer is layer or block.name == layer:
-                return i
-        name = getattr(layer, "name", layer)
-        raise ValueError(f"Layer {name!r} has no curvature block in this optimizer (see summary()).")
 
     def curvature_matrix(self, layer):
         """The undamped approximate Fisher block of ``layer`` (object or name)
         as a dense ``(P, P)`` tensor, parameters ordered as
         ``concat(flatten(kernel), bias)``."""
-        i = self._block_index(layer)
-        block = self._blocks[i]
-        if block.num_parameters > MAX_DENSE_PARAMETERS:
-            raise ValueError(
-                f"Layer {block.name!r} has {block.num_parameters} parameters; a dense "
-                f"block is only built up to {MAX_DENSE_PARAMETERS}."
-            )
-        return self._curvatures[i].matrix()
+        self._check_built()
+        return self._estimator.matrix(layer)
 
     def diagnostics(self):
         """The latest curvature diagnostics as a dict of tensors.
@@ -551,15 +525,17 @@ class KFAC(keras.optimizers.Optimizer):
         ``model.fit`` user adds ``keras_kfac.callbacks.CurvatureMonitor``."""
         if not self.built:
             raise ValueError("The optimizer is not built yet: build or train one step first.")
-        self._monitor._check_fidelity_layers(tuple(fidelity_layers))
-        self._monitor.diagnostics_enabled = every > 0
-        self._monitor.histograms = bool(histograms)
-        self._monitor.fidelity_layers = tuple(fidelity_layers)
-        self._monitor.diagnostics_every.assign(int(every))
+        self._monitor.track(every, histograms, fidelity_layers)
+
+    @property
+    def monitor(self):
+        """The :class:`keras_kfac.monitoring.StepMonitor` (diagnostics)."""
+        return self._monitor
 
     def curvature_for(self, layer):
-        """The curvature estimator object of ``layer`` (object or name)."""
-        return self._curvatures[self._block_index(layer)]
+        """The curvature object of ``layer`` (object or name)."""
+        self._check_built()
+        return self._estimator.curvature_for(layer)
 
     def summary(self, print_fn=print):
         """Which layers got which curvature block, and which variables fell
@@ -570,15 +546,8 @@ class KFAC(keras.optimizers.Optimizer):
                 raise ValueError("Register a model (compile or KFAC(model=...)) first.")
             self.build(model.trainable_variables)
         lines = [f"KFAC(curvature={self.curvature!r}, fisher={self.fisher!r}, damping_mode={self.damping_mode!r})"]
-        lines.append(f"{'layer':<28}{'type':<10}{'curvature':<14}{'A':>12}{'G':>12}")
-        for block, curvature in zip(self._blocks, self._curvatures):
-            lines.append(
-                f"{block.name:<28}{type(block.layer).__name__:<10}{curvature.name:<14}"
-                f"{block.a_dim:>12}{block.g_dim:>12}"
-            )
-        for layer, reason in self._unsupported:
-            lines.append(f"{layer.name:<28}{type(layer).__name__:<10}{'fallback':<14}  ({reason})")
-        fallback = [v for v in self._trainable_variables if self._var_key(v) in self._fallback_keys]
+        lines += self._estimator.summary_rows()
+        fallback = self._estimator.fallback_variables
         if fallback:
             lines.append(
                 f"Adam fallback (lr={self.fallback_learning_rate:g}) for: "
@@ -627,19 +596,6 @@ class KFAC(keras.optimizers.Optimizer):
         return super().from_config(config, custom_objects=custom_objects)
 
 
-def _statistics_finite(batches):
-    """True when every layer's ``a`` and ``g`` have a finite sum of squares:
-    no NaN/Inf, and no factor entry can overflow float32 (each is bounded by
-    that sum, e.g. ``|A_ij| <= sum a^2 / n``)."""
-    checks = [
-        tf.math.is_finite(tf.reduce_sum(tf.square(t)))
-        for batch in batches
-        if batch is not None
-        for t in (batch.a(), batch.g())
-    ]
-    return tf.reduce_all(checks) if checks else tf.constant(True)
-
-
 def _validate(
     damping=1.0,
     momentum=0.0,
@@ -678,22 +634,4 @@ def _validate(
         raise ValueError(f"fallback_learning_rate must be positive; got {fallback_learning_rate!r}.")
 
 
-def _attach_on_compile():
-    """``model.compile`` assigns ``model.optimizer``; Keras routes that
-    assignment through ``_setattr_hook``. Wrap it so a KFAC optimizer (or one
-    wrapped in a LossScaleOptimizer) learns its model there."""
-    original = keras.Model._setattr_hook
-    if getattr(original, "_keras_kfac", False):
-        return
-
-    def _setattr_hook(model, name, value):
-        name, value = original(model, name, value)
-        if name == "optimizer" and isinstance(_unwrap(value), KFAC):
-            _unwrap(value).register(model)
-        return name, value
-
-    _setattr_hook._keras_kfac = True
-    keras.Model._setattr_hook = _setattr_hook
-
-
-_attach_on_compile()
+register_model_discovery(KFAC)

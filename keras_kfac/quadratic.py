@@ -27,7 +27,8 @@ have no side effects and all of them see the same dropout masks.
 
 import keras
 import tensorflow as tf
-from keras.src import backend as keras_backend
+
+from keras_kfac import compat
 
 
 def _f32(x):
@@ -64,14 +65,12 @@ class BatchObjective:
         return list(zip(self.trainable, values)) + list(zip(self.non_trainable, self.state))
 
     def _call(self):
-        if getattr(self.model, "_call_has_training_arg", True):
+        if compat.call_has_training_arg(self.model):
             return self.model(self.x, training=True)
         return self.model(self.x)
 
     def _loss(self, y_pred):
-        loss = self.model._compute_loss(
-            x=self.x, y=self.y, y_pred=y_pred, sample_weight=self.sample_weight, training=True
-        )
+        loss = compat.compute_loss(self.model, self.x, self.y, y_pred, self.sample_weight)
         return _f32(loss)
 
     def current_values(self):
@@ -79,7 +78,7 @@ class BatchObjective:
 
     def loss(self, values):
         """``h(theta)`` at ``values`` (one stateless forward pass)."""
-        with self.capture.paused(), keras_backend.StatelessScope(
+        with self.capture.paused(), keras.StatelessScope(
             state_mapping=self._mapping(values), collect_losses=True
         ):
             return self._loss(self._call())
@@ -91,7 +90,7 @@ class BatchObjective:
         tangents = [tf.cast(t, v.dtype) for t, v in zip(tangents, values)]
         with self.capture.paused():
             with tf.autodiff.ForwardAccumulator(values, tangents) as acc:
-                with keras_backend.StatelessScope(
+                with keras.StatelessScope(
                     state_mapping=self._mapping(values), collect_losses=True
                 ):
                     y_pred = self._call()
@@ -109,7 +108,7 @@ class BatchObjective:
             with tf.autodiff.ForwardAccumulator(flat_y, tf.nest.flatten(u)) as acc:
                 with tf.GradientTape() as tape:
                     tape.watch(flat_y)
-                    with keras_backend.StatelessScope(
+                    with keras.StatelessScope(
                         state_mapping=self._mapping(values), collect_losses=True
                     ):
                         loss = self._loss(tf.nest.pack_sequence_as(y_pred, flat_y))
@@ -233,7 +232,7 @@ def exact_ggn_block(objective, record, block):
             outer.watch(flat)
             with tf.GradientTape() as inner:
                 inner.watch(flat)
-                with keras_backend.StatelessScope(
+                with keras.StatelessScope(
                     state_mapping=objective._mapping(values), collect_losses=True
                 ):
                     loss = objective._loss(tf.cast(tf.reshape(flat, tf.shape(output)), output.dtype))

@@ -120,8 +120,8 @@ def test_rho_is_one_on_a_quadratic_and_damping_falls():
     layer = model.layers[0]
     callback = AdaptiveDamping(every=1, decay=0.5)
     traces = []
-    begin = opt._monitor.begin
-    opt._monitor.begin = lambda *a: (traces.append(1), begin(*a))[1]  # runs only when tracing
+    begin = opt.monitor.begin
+    opt.monitor.begin = lambda *a: (traces.append(1), begin(*a))[1]  # runs only when tracing
     theta = _params(layer)
     grad, fisher = _mse_grad_and_fisher(layer, x, y)
     loss0 = float(model.evaluate(x, y, batch_size=len(x), verbose=0))

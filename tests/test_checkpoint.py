@@ -70,7 +70,7 @@ def test_save_load_mid_training_equals_uninterrupted_for_every_method(tmp_path):
     fit = dict(batch_size=8, shuffle=False, verbose=0)
     reference, ref_opt, methods = every_method_model(damping_mode)
     reference.fit(x, y, epochs=4, **fit)
-    assert sorted(type(c).name for c in ref_opt._curvatures) == sorted(methods)
+    assert sorted(type(c).name for c in ref_opt.estimator.curvatures) == sorted(methods)
 
     model, opt, _ = every_method_model(damping_mode)
     model.fit(x, y, epochs=2, **fit)

@@ -146,7 +146,7 @@ def test_functional_and_subclassed_models():
         model.compile(optimizer=opt, loss=SCCE)
         losses = fit_loss(model, x, y)
         assert losses[-1] < 0.5 * losses[0]
-        assert len(opt._blocks) == 2
+        assert len(opt.estimator.blocks) == 2
         text = opt.summary(print_fn=lambda s: None)
         assert "kfac" in text
     # the LayerNormalization variables took the documented fallback and moved
@@ -168,7 +168,7 @@ def test_custom_training_loop():
             first = float(loss) if first is None else first
             last = float(loss)
     assert last < 0.5 * first
-    assert len(opt._blocks) == 2
+    assert len(opt.estimator.blocks) == 2
 
 
 def test_custom_loop_in_tf_function_with_register():
@@ -205,10 +205,10 @@ def test_evaluate_and_predict_do_not_record_or_leak():
     opt = keras_kfac.KFAC()
     model.compile(optimizer=opt, loss=SCCE)
     model.fit(x, y, epochs=1, verbose=0)
-    assert opt._capture.current() is None
+    assert opt.estimator.capture.current() is None
     model.evaluate(x, y, verbose=0)
     model.predict(x, verbose=0)
-    assert opt._capture._record is None
+    assert opt.estimator.capture._record is None
     model.fit(x, y, epochs=1, verbose=0)
 
 
@@ -292,11 +292,21 @@ def test_mixed_float16_keeps_float32_factors_and_unscales(fisher):
     assert 0.0 < float(tf.linalg.trace(G)) < 2.0
 
 
+class Affine(keras.layers.Layer):
+    """A custom layer: no curvature block."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(input_shape[-1], 3), name="w")
+
+    def call(self, x):
+        return x @ self.w
+
+
 def test_model_with_no_supported_layer_warns_and_trains():
     x, y = classification_data()
-    model = keras.Sequential([keras.Input((6,)), keras.layers.EinsumDense("ab,bc->ac", output_shape=3)])
+    model = keras.Sequential([keras.Input((6,)), Affine()])
     model.compile(optimizer=keras_kfac.KFAC(), loss=SCCE)
-    with pytest.warns(UserWarning, match="no Dense or Conv2D"):
+    with pytest.warns(UserWarning, match="no layer with a curvature block"):
         losses = fit_loss(model, x, y, epochs=5)
     assert losses[-1] < losses[0]
 

@@ -366,7 +366,7 @@ def test_frozen_layer_is_skipped_and_stays_fixed():
     before = [w.numpy().copy() for w in frozen.weights]
     losses = model.fit(x, y, batch_size=16, epochs=10, verbose=0).history["loss"]
     assert losses[-1] < 0.6 * losses[0]
-    assert [b.layer.name for b in opt._blocks] == [model.layers[1].name, model.layers[2].name]
+    assert [b.layer.name for b in opt.estimator.blocks] == [model.layers[1].name, model.layers[2].name]
     for w, w0 in zip(frozen.weights, before):
         np.testing.assert_array_equal(w.numpy(), w0)
     with pytest.raises(ValueError, match="has no curvature block"):

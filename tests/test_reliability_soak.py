@@ -50,7 +50,7 @@ def test_soak_memory_flat_and_no_retracing():
         model.fit(x, y, batch_size=32, epochs=1, verbose=0)
         model.evaluate(x[:64], y[:64], verbose=0)
         model.predict(x[:64], verbose=0)
-        assert opt._capture._record is None  # nothing recorded survives a step
+        assert opt.estimator.capture._record is None  # nothing recorded survives a step
         if r == 1:
             functions = (model.train_function, model.test_function, model.predict_function)
             traces_after_warmup = traces["train"]

@@ -81,7 +81,8 @@ class Auto(Curvature):
     def __init__(
         self, block, damping_mode="factored", batch_size=None, stats_every=10, inverse_every=20, **options
     ):
-        super().__init__(block, damping_mode, **options)
+        super().__init__(block, damping_mode, stats_every=stats_every, inverse_every=inverse_every)
+        options = dict(options, stats_every=stats_every, inverse_every=inverse_every)
         t = _locations(block)
         self.crossover = crossover(block.a_dim, block.g_dim, t, float(inverse_every), float(stats_every))
         self.kfac = None
@@ -140,3 +141,11 @@ class Auto(Curvature):
 
     def factors(self):
         return {} if self.kfac is None else self.kfac.factors()
+
+    def damping_multiplier(self):
+        return self.chosen.damping_multiplier()
+
+    @classmethod
+    def option_names(cls):
+        # The options given to the methods it chooses from.
+        return super().option_names() | KFAC.option_names() | TENGraD.option_names()

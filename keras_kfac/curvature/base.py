@@ -13,6 +13,10 @@ compiled train step:
 update so running averages start at the first batch's value.
 """
 
+import abc
+import inspect
+from typing import Callable, Dict, List, Optional
+
 import tensorflow as tf
 
 
@@ -72,50 +76,80 @@ class NoDenseMatrixError(ValueError):
     """Raised by ``matrix()`` of a method that stores no Fisher block."""
 
 
-class Curvature:
+class Curvature(abc.ABC):
     """Base class: one layer block's curvature approximation.
 
-    Subclasses set ``name`` and implement the four calls. ``add_variable``
+    Subclasses set ``name`` and implement the abstract calls. ``add_variable``
     (given to ``build``) creates optimizer-owned float32 state, so that it is
     saved with the optimizer and restored by ``keras.models.load_model``.
+    A subclass's options are the keyword arguments of its ``__init__`` (and
+    of its bases'), given through ``KFAC(curvature_options=...)``.
     """
 
-    name = None
+    name: str = ""
     #: True when ``precondition`` needs the current step's ``batch``.
-    uses_current_batch = False
+    uses_current_batch: bool = False
 
-    def __init__(self, block, damping_mode="factored", **options):
-        # ``options`` are ``KFAC(curvature_options=...)`` plus the optimizer's
-        # ``stats_every`` and ``inverse_every``, given to every curvature
-        # class; a class takes the ones it defines and ignores the rest (a
-        # per-layer choice can mix methods with different options).
+    def __init__(self, block, damping_mode="factored", stats_every=10, inverse_every=20):
+        # ``stats_every``/``inverse_every`` are the optimizer's cadence, given
+        # to every class (cost models use them).
         if damping_mode not in ("factored", "eigen"):
             raise ValueError(
                 f"Unknown damping_mode={damping_mode!r}: use 'factored' or 'eigen'."
             )
         self.block = block
         self.damping_mode = damping_mode
+        self.stats_every = int(stats_every)
+        self.inverse_every = int(inverse_every)
 
-    def build(self, add_variable):
-        raise NotImplementedError
+    @classmethod
+    def option_names(cls) -> set:
+        """The ``curvature_options`` keys this class accepts."""
+        names = set()
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            for parameter in inspect.signature(init).parameters.values():
+                if parameter.kind is inspect.Parameter.KEYWORD_ONLY or (
+                    parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+                    and parameter.default is not inspect.Parameter.empty
+                ):
+                    names.add(parameter.name)
+        return names - {"damping_mode"}
 
-    def update_statistics(self, batch, decay):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def build(self, add_variable: Callable[..., tf.Variable]) -> None:
+        """Create the state with ``add_variable(name, shape, initializer=...)``."""
 
-    def refresh(self, damping):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def update_statistics(self, batch: LayerBatch, decay: tf.Tensor) -> None:
+        """Fold this batch's statistics into the running averages."""
 
-    def precondition(self, v, damping, batch=None):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def refresh(self, damping: tf.Tensor) -> Optional[tf.Tensor]:
+        """Recompute inverses / eigenbases; returns whether it succeeded
+        (None when there is nothing that can fail)."""
 
-    def matrix(self):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def precondition(self, v: tf.Tensor, damping: tf.Tensor, batch: Optional[LayerBatch] = None) -> tf.Tensor:
+        """The damped inverse curvature applied to ``V`` (``(a_dim, g_dim)``)."""
 
-    def factors(self):
+    @abc.abstractmethod
+    def matrix(self) -> tf.Tensor:
+        """The dense undamped block ``(P, P)``, parameters in ``vec_row(V)``
+        order (raises :class:`NoDenseMatrixError` when none is stored)."""
+
+    def factors(self) -> Dict[str, tf.Tensor]:
         """Named Kronecker factors, for diagnostics (empty when none)."""
         return {}
 
-    def refresh_state(self):
+    def damping_multiplier(self) -> tf.Tensor:
+        """The factor this block's damping is multiplied by (raised after a
+        failed refresh by the methods that can fail)."""
+        return tf.constant(1.0)
+
+    def refresh_state(self) -> List[tf.Variable]:
         """The variables ``refresh`` writes. Under a tf.distribute strategy
         one replica refreshes a block and these are shared with the others
         (:func:`keras_kfac.distributed.refresh`). Default: every variable the

@@ -60,10 +60,10 @@ class KFAC(KroneckerFactors):
             self.a_evals = add_variable("A_eigenvalues", (da,))
             self.g_evecs = add_variable("G_eigenvectors", (dg, dg))
             self.g_evals = add_variable("G_eigenvalues", (dg,))
-        self.damping_multiplier = add_variable("damping_multiplier", (), initializer="ones")
+        self.multiplier = add_variable("damping_multiplier", (), initializer="ones")
 
     def refresh(self, damping):
-        multiplier = self.damping_multiplier
+        multiplier = self.multiplier
         if self.damping_mode == "factored":
             damping_a, damping_g = F.factored_damping(self.a, self.g, damping * multiplier)
             a_inverse = F.damped_inverse(self.a, damping_a)
@@ -87,15 +87,18 @@ class KFAC(KroneckerFactors):
         multiplier.assign(tf.where(ok, multiplier, multiplier * DAMPING_RAISE))
         return ok
 
+    def damping_multiplier(self):
+        return self.multiplier.value
+
     def refresh_state(self):
         if self.damping_mode == "factored":
             state = [self.a_inverse, self.g_inverse]
         else:
             state = [self.a_evecs, self.a_evals, self.g_evecs, self.g_evals]
-        return state + [self.damping_multiplier]
+        return state + [self.multiplier]
 
     def precondition(self, v, damping, batch=None):
         if self.damping_mode == "factored":
             return self.a_inverse @ v @ self.g_inverse
-        scale = self.a_evals[:, None] * self.g_evals[None, :] + damping * self.damping_multiplier
+        scale = self.a_evals[:, None] * self.g_evals[None, :] + damping * self.multiplier
         return F.eigenbasis_solve(v, self.a_evecs, self.g_evecs, scale)
