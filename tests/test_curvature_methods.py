@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import keras_kfac.curvature as curvature_lib
 from keras_kfac.curvature import factors as F
-from keras_kfac.fidelity import fitted_curvature
+from keras_kfac.curvature.base import LayerBatch
+from keras_kfac.fidelity import fitted_curvature, layer_batch
+from keras_kfac.layers import block_for_layer
 from reference import (
     exact_fisher_block,
     fisher_from_ag,
@@ -21,10 +24,13 @@ from reference import (
     rearrange,
     rel,
     symmetric_projector,
+    symmetric_top_pairs,
 )
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-PRECISE = dict(power_iters=500, power_tol=1e-9, lanczos_steps=12, lanczos_restarts=20, lanczos_tol=1e-6)
+# The block power iteration (kpsvd, deflation, kfac_corrected) runs with its
+# defaults: they stop on convergence. Lanczos' defaults are a speed trade-off.
+PRECISE = dict(lanczos_steps=12, lanczos_restarts=20, lanczos_tol=1e-6)
 
 
 def make_problem(kind, n=12, seed=0):
@@ -57,10 +63,29 @@ def problem(request):
     return dict(model=model, layer=layer, x=x, y=y, F=f, a=a, g=g, kind=request.param)
 
 
-def fit(problem, method, **options):
+def fit(problem, method, mode="eager", **options):
+    """The method fitted on the problem's batch (statistics of that batch
+    only): eagerly by :func:`fitted_curvature`, or from a cold start by a
+    ``tf.function`` statistics update (``mode="graph"``; ``"xla"`` with
+    ``jit_compile=True``)."""
     opts = dict(PRECISE)
     opts.update(options)
-    return fitted_curvature(method, problem["model"], problem["layer"], problem["x"], problem["y"], LOSS, **opts)
+    if mode == "eager":
+        return fitted_curvature(method, problem["model"], problem["layer"], problem["x"], problem["y"], LOSS, **opts)
+    batch = layer_batch(problem["model"], problem["layer"], problem["x"], problem["y"], LOSS)
+    return fit_batch(method, batch, mode, **opts)
+
+
+def fit_batch(method, batch, mode="eager", **options):
+    """``method`` after one statistics update on ``batch`` from a cold start,
+    eager or in a ``tf.function`` (``"graph"``, ``"xla"``)."""
+    curvature = curvature_lib.get(method)(batch.block, **options)
+    curvature.build(lambda name, shape, initializer="zeros": tf.Variable(tf.zeros(shape), name=name))
+    update = lambda: curvature.update_statistics(batch, tf.constant(0.0))  # noqa: E731
+    if mode != "eager":
+        update = tf.function(update, jit_compile=mode == "xla")
+    update()
+    return curvature
 
 
 def matrix(problem, method, **options):
@@ -124,14 +149,97 @@ def test_lanczos_equals_deflation_pairs(problem):
     assert abs(float(tf.norm(a2) * tf.norm(g2)) - s2) < 1e-3 * s1
 
 
-def test_kfac_corrected_is_kfac_plus_best_residual_pair(problem):
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+def test_kfac_corrected_is_kfac_plus_best_residual_pair(problem, mode):
     da, dg = dims(problem)
     a, g = kfac_factors(problem["a"], problem["g"])
     sym_a, sym_g = symmetric_projector(da), symmetric_projector(dg)
     residual = sym_a @ rearrange(problem["F"] - np.kron(a, g), da, dg) @ sym_g
     u, s, vt = np.linalg.svd(residual)
     want = np.kron(a, g) + rearrange_inverse(s[0] * np.outer(u[:, 0], vt[0]), da, dg)
-    assert rel(matrix(problem, "kfac_corrected"), want) < 1e-4
+    assert rel(fit(problem, "kfac_corrected", mode).matrix().numpy(), want) < 1e-4
+
+
+def close_pairs_case(seed=1):
+    """Dense ``a``, ``g`` (one location, no bias) whose rearranged block
+    restricted to symmetric matrices has singular values ``s2, s3`` 7% apart
+    and a slowly decaying tail ``s4..s8``: three examples ``sqrt(w_k) q_k``,
+    ``p_k`` from orthonormal bases give the singular values ``w_k / n``
+    (the ``vec(q q^T)`` are orthonormal), the others add small noise."""
+    rng = np.random.default_rng(seed)
+    da, dg, n = 9, 8, 60
+    w = np.array([1.0, 0.45, 0.42, 0.40, 0.38, 0.36, 0.34, 0.32])
+    qa = np.linalg.qr(rng.normal(size=(da, da)))[0][: len(w)]
+    qg = np.linalg.qr(rng.normal(size=(dg, dg)))[0][: len(w)]
+    a = np.concatenate([np.sqrt(w)[:, None] * qa, 0.05 * rng.normal(size=(n - len(w), da))])
+    g = np.concatenate([qg, 0.05 * rng.normal(size=(n - len(w), dg))])
+    return a[:, None].astype("float32"), g[:, None].astype("float32")
+
+
+def close_pairs_spectrum(a, g):
+    da, dg = a.shape[-1], g.shape[-1]
+    f = fisher_from_ag(a.astype(np.float64), g.astype(np.float64))
+    r = symmetric_projector(da) @ rearrange(f, da, dg) @ symmetric_projector(dg)
+    return f, np.linalg.svd(r, compute_uv=False)
+
+
+def fit_on(method, a, g, mode="eager", **options):
+    """``method`` fitted from a cold start on given Dense ``a``, ``g``."""
+    layer = keras.layers.Dense(g.shape[-1], use_bias=False)
+    layer.build((None, a.shape[-1]))
+    batch = LayerBatch(block_for_layer(layer), [tf.constant(a[:, 0])], [tf.constant(g[:, 0])])
+    return fit_batch(method, batch, mode, **options)
+
+
+def test_close_pairs_case_has_close_singular_values():
+    _, s = close_pairs_spectrum(*close_pairs_case())
+    assert 0.05 < (s[1] - s[2]) / s[1] < 0.08
+    assert s[4] / s[1] > 0.8  # the tail is slow too: a block of 4 must iterate
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+def test_deflation_converges_on_close_singular_values(mode):
+    """The best two pairs although s3 is within 7% of s2 (plain power
+    iteration stopped on the change of sigma returned pairs 3% off)."""
+    a, g = close_pairs_case()
+    f, _ = close_pairs_spectrum(a, g)
+    da, dg = a.shape[-1], g.shape[-1]
+    got = fit_on("deflation", a, g, mode).matrix().numpy().astype(np.float64)
+    assert rel(rearrange(got, da, dg), symmetric_top_pairs(f, da, dg, 2)) < 1e-3
+
+
+def test_block_power_iteration_stops_on_convergence():
+    """Converged pairs before the safety bound; fewer iterations (the bound)
+    are not converged on this spectrum; an unreachable tolerance stops when
+    roundoff is reached; a warm start from the converged vectors stops after
+    one iteration."""
+    a, g = close_pairs_case()
+    f, s_exact = close_pairs_spectrum(a, g)
+    da, dg = a.shape[-1], g.shape[-1]
+    op = F.RearrangedFisher(tf.constant(a), tf.constant(g))
+    starts = F.start_block([tf.zeros((dg, dg))] * 2, dg, F.block_size(2, 2, da, dg))
+    want = symmetric_top_pairs(f, da, dg, 2)
+
+    def solve(starts, tol, max_iters):
+        s, y, x, i = F.top_singular_triples(op, starts, 2, tol, max_iters)
+        pairs = sum(s[k].numpy() * np.outer(y[k].numpy().ravel(), x[k].numpy().ravel()) for k in range(2))
+        return rel(pairs, want), int(i), s.numpy(), x
+
+    error, iterations, s, x = solve(starts, 1e-4, 200)
+    assert error < 1e-4 and 5 < iterations < 200
+    np.testing.assert_allclose(s, s_exact[:2], rtol=1e-5)
+    short = iterations // 4
+    assert solve(starts, 1e-4, short)[0] > 1e-3 and solve(starts, 1e-4, short)[1] == short
+    error, stalled, _, _ = solve(starts, 0.0, 500)
+    assert error < 1e-4 and iterations < stalled < 500
+    assert solve(tf.concat([x, starts[2:]], 0), 1e-4, 200)[1] == 1
+
+
+@pytest.mark.parametrize("bad", [dict(power_iters=0), dict(power_iters=2.5), dict(power_tol=-1.0),
+                                 dict(power_oversample=-1)])
+def test_block_power_options_are_checked(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        fit_on("kpsvd", *close_pairs_case(), **bad)
 
 
 def rearrange_inverse(r, da, dg):

@@ -27,7 +27,8 @@ def assign_if_finite(variable, value):
 
 
 def symmetrize(m):
-    return 0.5 * (m + tf.transpose(m))
+    """``(M + M^T) / 2`` of a matrix or of a stack of matrices (last two axes)."""
+    return 0.5 * (m + tf.linalg.matrix_transpose(m))
 
 
 def damped_inverse(m, damping):
@@ -218,7 +219,7 @@ class RearrangedFisher:
     ``weight = 1 - decay`` and the terms ``decay * (previous pairs)`` make it
     the rearrangement of the running average ``decay F_old + (1 - decay)
     F_batch`` with ``F_old`` replaced by its previous Kronecker-sum estimate;
-    negative terms deflate (deflation, KFAC-corrected's residual).
+    a negative term gives KFAC-corrected's residual.
 
     R(F) maps symmetric matrices to symmetric ones and skew to skew. Pairs are
     sought among symmetric matrices only: outputs are symmetrized, so the
@@ -233,46 +234,56 @@ class RearrangedFisher:
         self.n = tf.cast(tf.shape(a)[0], tf.float32)
         self.weight = weight
         self.terms = list(terms)
+        self.a_dim = a.shape[-1]
         if _single_location(a):
             self.a, self.g, self.u = a[:, 0], g[:, 0], None
         else:
             self.a, self.g = None, None
             self.u = tf.einsum("nta,ntg->nag", a, g)
 
-    def with_terms(self, terms):
-        """The same operator with extra low-rank terms ``(c, L, R)``."""
-        op = object.__new__(RearrangedFisher)
-        op.__dict__.update(self.__dict__)
-        op.terms = self.terms + list(terms)
-        return op
-
     def matvec(self, x):
-        """``R vec(X)`` as an (a_dim, a_dim) matrix, for X of (g_dim, g_dim)."""
+        """``R vec(X)`` as an (a_dim, a_dim) matrix, for X of (g_dim, g_dim);
+        a stack of X (leading axes) gives the stack of products."""
         if self.u is None:
-            q = tf.einsum("ng,gh,nh->n", self.g, x, self.g)
-            y = tf.einsum("n,na,nb->ab", q, self.a, self.a) / self.n
+            q = tf.einsum("ng,...gh,nh->...n", self.g, x, self.g)
+            y = tf.einsum("...n,na,nb->...ab", q, self.a, self.a) / self.n
         else:
-            y = tf.einsum("nag,gh,nbh->ab", self.u, x, self.u) / self.n
+            y = tf.einsum("nag,...gh,nbh->...ab", self.u, x, self.u) / self.n
         y = self.weight * y
         for c, left, right in self.terms:
-            y = y + c * tf.reduce_sum(right * x) * left
+            y = y + c * tf.reduce_sum(right * x, axis=(-2, -1))[..., None, None] * left
         return symmetrize(y)
 
     def rmatvec(self, y):
-        """``R^T vec(Y)`` as a (g_dim, g_dim) matrix, for Y of (a_dim, a_dim)."""
+        """``R^T vec(Y)`` as a (g_dim, g_dim) matrix, for Y of (a_dim, a_dim)
+        (or a stack of them)."""
         if self.u is None:
-            q = tf.einsum("na,ab,nb->n", self.a, y, self.a)
-            x = tf.einsum("n,ng,nh->gh", q, self.g, self.g) / self.n
+            q = tf.einsum("na,...ab,nb->...n", self.a, y, self.a)
+            x = tf.einsum("...n,ng,nh->...gh", q, self.g, self.g) / self.n
         else:
-            x = tf.einsum("nag,ab,nbh->gh", self.u, y, self.u) / self.n
+            x = tf.einsum("nag,...ab,nbh->...gh", self.u, y, self.u) / self.n
         x = self.weight * x
         for c, left, right in self.terms:
-            x = x + c * tf.reduce_sum(left * y) * right
+            x = x + c * tf.reduce_sum(left * y, axis=(-2, -1))[..., None, None] * right
         return symmetrize(x)
 
 
 def _unit(x):
     return tf.math.divide_no_nan(x, tf.norm(x))
+
+
+def symmetric_dim(d):
+    """The dimension of the space of symmetric (d, d) matrices."""
+    return d * (d + 1) // 2
+
+
+def block_size(rank, oversample, a_dim, g_dim):
+    """Vectors iterated together by :func:`top_singular_triples`: the
+    ``rank`` wanted plus ``oversample`` more, at most the dimension of the
+    symmetric matrices R acts on (a larger block would only add null
+    vectors)."""
+    space = min(symmetric_dim(a_dim), symmetric_dim(g_dim))
+    return max(rank, min(rank + int(oversample), space))
 
 
 def start_matrix(previous, dim, seed=0):
@@ -286,28 +297,94 @@ def start_matrix(previous, dim, seed=0):
     return _unit(tf.where(warm, previous, cold))
 
 
-def top_singular_pair(op, x0, tol, max_iters):
-    """Power iteration on ``R^T R`` for the top singular triple of ``op``
-    (Koroko et al. 2022, Alg. 1), from ``x0``; stops when the singular value
-    changes by less than ``tol`` (relative) or after ``max_iters`` iterations.
-    Returns ``(sigma, Y, X)``, ``||Y|| = ||X|| = 1``, ``R vec(X) = sigma vec(Y)``."""
+def start_block(previous, dim, size):
+    """``size`` starts for :func:`top_singular_triples`: the previous right
+    vectors (warm starts, each replaced by a cold start while it is zero),
+    then fixed random symmetric matrices for the extra vectors, so that the
+    block is generically not orthogonal to any singular vector."""
+    starts = [start_matrix(p, dim, seed=k) for k, p in enumerate(previous)]
+    for k in range(len(previous), size):
+        noise = tf.random.stateless_normal((dim, dim), seed=(k, 7), dtype=tf.float32)
+        starts.append(_unit(symmetrize(noise)))
+    return tf.stack(starts)
 
-    def cond(i, x, sigma, change):
-        return (i < max_iters) & (change > tol)
 
-    def body(i, x, sigma, change):
-        y = _unit(op.matvec(x))
-        x_new = op.rmatvec(y)
-        sigma_new = tf.norm(x_new)
-        change = tf.math.divide_no_nan(tf.abs(sigma_new - sigma), sigma_new)
-        return i + 1, _unit(x_new), sigma_new, change
+def _orthonormal(stack):
+    """An orthonormal basis (Householder QR, so also for rank-deficient
+    input) of the span of a stack of matrices, as a stack of the same shape
+    (the first k span the first k inputs, when these are independent), and
+    the triangular factor: ``input_j = sum_i r_ij basis_i``."""
+    flat = tf.reshape(stack, (stack.shape[0], -1))
+    q, r = tf.linalg.qr(tf.transpose(flat))
+    return tf.reshape(tf.transpose(q), stack.shape), r
 
-    _, x, _, _ = tf.while_loop(
-        cond, body, (tf.constant(0), _unit(x0), tf.constant(0.0), tf.constant(1.0))
+
+#: Iterations without a decrease of the residual after which
+#: :func:`top_singular_triples` stops (float32 roundoff reached).
+STALL_ITERS = 5
+
+
+def top_singular_triples(op, starts, rank, tol, max_iters):
+    """Top ``rank`` singular triples of ``op`` by subspace (orthogonal)
+    iteration with Rayleigh-Ritz (Rutishauser 1970; Golub & Van Loan, 4th
+    ed., secs. 8.2.4 and 8.6), the block form of power iteration with
+    deflation (Koroko et al. 2022, Alg. 1), started from the stack
+    ``starts`` (b, g_dim, g_dim) with static ``b >= rank``.
+
+    Each iteration maps the orthonormal block X to ``R X = Q B`` (QR), takes
+    the SVD ``B = P diag(s) W^T`` (Ritz triples ``s_k``, ``Y = Q P``, ``X W``)
+    and continues from an orthonormal basis of ``R^T Y``. The k-th pair
+    converges like ``(s_{b+1} / s_k)^(2 i)``: close singular values inside
+    the block do not slow it down.
+
+    Stop: the Ritz residual ``r_k = ||R^T y_k - s_k x_k||`` is the change of
+    the right vector in one more power step (times ``s_k``), and ``r_k /
+    gap_k`` bounds the sine of its angle to the exact singular vector (Wedin
+    1972), ``gap_k`` the distance from ``s_k`` to the nearest other Ritz
+    value. The iteration stops when ``r_k <= tol * gap_k`` for every wanted
+    k; or when the largest wanted residual has not decreased for
+    ``STALL_ITERS`` iterations, i.e. it has reached float32 roundoff (about
+    ``1e-5 s_1`` on a layer of width 100, so a gap below ``0.1 s_1 / tol``
+    cannot meet the tolerance: the vectors are then as accurate as float32
+    allows); or on non-finite values; or after ``max_iters``, a safety
+    bound.
+
+    Returns ``(s, Y, X, iterations)``: ``s`` (rank,) descending, ``Y``
+    (rank, a_dim, a_dim), ``X`` (rank, g_dim, g_dim), unit norm, with
+    ``R vec(X_k) = s_k vec(Y_k)``."""
+    b = starts.shape[0]
+    x0, _ = _orthonormal(starts)
+
+    def ritz(x):
+        q, r = _orthonormal(op.matvec(x))
+        s, p, w = tf.linalg.svd(r)  # R X = Q r, so r = Q^T R X
+        y = tf.tensordot(tf.transpose(p), q, 1)
+        x = tf.tensordot(tf.transpose(w), x, 1)
+        z = op.rmatvec(y)
+        residual = tf.norm(tf.reshape(z - s[:, None, None] * x, (b, -1)), axis=1)
+        return s, y, x, z, residual[:rank]
+
+    def converged(s, residual):
+        padded = tf.concat([[float("inf")], s, [0.0]], 0)
+        gap = tf.minimum(padded[:-2] - s, s - padded[2:])
+        return tf.reduce_all(residual <= tol * gap[:rank]) | ~all_finite(s)
+
+    def cond(i, x, s, y, x_ritz, done, best, stall):
+        return (i < max_iters) & ~done & (stall < STALL_ITERS)
+
+    def body(i, x, s, y, x_ritz, done, best, stall):
+        s, y, x_ritz, z, residual = ritz(x)
+        x_next, _ = _orthonormal(z)
+        worst = tf.reduce_max(residual)
+        stall = tf.where(worst < best, 0, stall + 1)
+        return i + 1, x_next, s, y, x_ritz, converged(s, residual), tf.minimum(worst, best), stall
+
+    state = (
+        tf.constant(0), x0, tf.zeros((b,)), tf.zeros((b, op.a_dim, op.a_dim)), x0,
+        tf.constant(False), tf.constant(float("inf")), tf.constant(0),
     )
-    y = op.matvec(x)
-    sigma = tf.norm(y)
-    return sigma, _unit(y), x
+    i, _, s, y, x, _, _, _ = tf.while_loop(cond, body, state)
+    return s[:rank], y[:rank], x[:rank], i
 
 
 def kronecker_pair(sigma, y, x):

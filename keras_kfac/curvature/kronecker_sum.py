@@ -26,7 +26,7 @@ from keras_kfac.curvature.base import Curvature
 class TwoKroneckerTerms(Curvature):
     uses_current_batch = False
 
-    def __init__(self, block, damping_mode="factored", power_iters=20, power_tol=1e-4, **options):
+    def __init__(self, block, damping_mode="factored", **options):
         if damping_mode != "factored":
             raise ValueError(
                 f"curvature={self.name!r} supports damping_mode='factored' only: the "
@@ -34,8 +34,6 @@ class TwoKroneckerTerms(Curvature):
                 "Kronecker-factored inverse."
             )
         super().__init__(block, damping_mode, **options)
-        self.power_iters = int(power_iters)
-        self.power_tol = float(power_tol)
 
     def build(self, add_variable):
         da, dg = self.block.a_dim, self.block.g_dim

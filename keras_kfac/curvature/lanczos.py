@@ -15,17 +15,13 @@ from keras_kfac.curvature import factors as F
 from keras_kfac.curvature.kronecker_sum import TwoKroneckerTerms
 
 
-def _symmetric_dim(d):
-    return d * (d + 1) // 2
-
-
 class Lanczos(TwoKroneckerTerms):
     name = "lanczos"
 
     def __init__(self, block, damping_mode="factored", lanczos_steps=8, lanczos_restarts=5,
                  lanczos_tol=1e-3, **options):
         super().__init__(block, damping_mode, **options)
-        space = min(_symmetric_dim(block.a_dim), _symmetric_dim(block.g_dim))
+        space = min(F.symmetric_dim(block.a_dim), F.symmetric_dim(block.g_dim))
         self.steps = max(2, min(int(lanczos_steps), space))
         self.restarts = int(lanczos_restarts)
         self.tol = float(lanczos_tol)
