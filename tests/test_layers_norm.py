@@ -18,7 +18,7 @@ import keras_kfac
 from keras_kfac import curvature as curvature_lib
 from keras_kfac.capture import Capture
 from keras_kfac.curvature.base import LayerBatch
-from keras_kfac.fidelity import fitted_curvature, per_example_loss_fn
+from keras_kfac.fidelity import fidelity, fitted_curvature, per_example_loss_fn
 from keras_kfac.layers import block_for_layer, unsupported_reason
 from reference import exact_fisher_block, layer_batch, per_example_gradients, rel
 
@@ -257,3 +257,13 @@ def test_unsupported_configurations_are_named():
     rms = keras.layers.RMSNormalization(axis=1)
     rms.build((None, 5, 5))
     assert "trailing axes" in unsupported_reason(rms)
+
+
+def test_fidelity_report_uses_the_fixed_curvature():
+    model, layer, x, y = make_case("batch_norm")
+    report = fidelity(model, x, y, LOSS, methods=("kfac",))  # default layers: every block
+    exact = exact_fisher_block(model, layer, x, y, LOSS).numpy()
+    f = block_for_layer(layer).g_dim
+    assert set(report[layer.name]) == {"scale_and_shift"}
+    assert abs(report[layer.name]["scale_and_shift"] - rel(exact * np.tile(np.eye(f), (2, 2)), exact)) < 1e-4
+    assert set(report[model.layers[-1].name]) == {"kfac"}
