@@ -193,12 +193,12 @@ class Capture:
             if record is None or self._paused or _is_symbolic(inputs) or not self._records():
                 return original(inputs, *args, **kwargs)
 
-            def tap(s):
+            def tap(s, recorded_inputs=None):
                 if record.tape is None:
                     s = self._tap(record, key, s)
                 else:
                     record.tape.watch(s)
-                record.inputs[key].append(inputs)
+                record.inputs[key].append(inputs if recorded_inputs is None else recorded_inputs)
                 record.preactivations[key].append(s)
                 return s
 

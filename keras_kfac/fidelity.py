@@ -118,9 +118,10 @@ def fidelity(model, x, y, loss, layers=None, methods=MATRIX_METHODS, max_paramet
         x, y: one batch (y: the labels the Fisher uses; training labels for
             the empirical Fisher, or labels sampled from the model).
         loss: per-example loss (name, function or ``keras.losses.Loss``).
-        layers: layers or names (default: every Dense/Conv2D with at most
-            ``max_parameters`` parameters).
-        methods: curvature names with a dense matrix.
+        layers: layers or names (default: every layer with a block and at
+            most ``max_parameters`` parameters).
+        methods: curvature names with a dense matrix (a block with a fixed
+            curvature, e.g. a normalization layer's, is fitted with that one).
         **options: curvature options (e.g. ``power_iters``).
 
     Returns ``{layer_name: {method: error}}``.
@@ -134,9 +135,11 @@ def fidelity(model, x, y, loss, layers=None, methods=MATRIX_METHODS, max_paramet
     for layer in layers:
         layer = _layer(model, layer)
         exact = exact_fisher_block(model, layer, x, y, loss)
+        # A block with a fixed curvature (normalization layers) has only that one.
+        fixed = block_for_layer(layer).fixed_curvature
         result[layer.name] = {
             m: relative_error(exact, fitted_curvature(m, model, layer, x, y, loss, **options).matrix())
-            for m in methods
+            for m in ((fixed,) if fixed else methods)
         }
     return result
 

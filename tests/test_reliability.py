@@ -49,7 +49,7 @@ def nan_injection_run(inject):
         [
             keras.Input((6,)),
             keras.layers.Dense(8, activation="tanh"),
-            keras.layers.LayerNormalization(),  # Adam fallback: bias correction uses the step
+            keras.layers.PReLU(),  # Adam fallback: bias correction uses the step
             keras.layers.Dense(3),
         ]
     )

@@ -12,19 +12,28 @@ from keras_kfac.curvature.kfac import KFAC
 from keras_kfac.curvature.kfac_corrected import KFACCorrected
 from keras_kfac.curvature.kpsvd import KPSVD
 from keras_kfac.curvature.lanczos import Lanczos
+from keras_kfac.curvature.scale_and_shift import ScaleAndShift
 from keras_kfac.curvature.tengrad import TENGraD
 
 _METHODS = {}
+#: Registered classes that blocks fix for themselves (``fixed_curvature``)
+#: and users cannot choose: they apply to one kind of block only.
+_FIXED = set()
 
 
-def register(cls):
-    """Make ``cls`` selectable as ``KFAC(curvature=cls.name)``."""
+def register(cls, selectable=True):
+    """Make ``cls`` selectable as ``KFAC(curvature=cls.name)`` (or, with
+    ``selectable=False``, only findable by :func:`get` for blocks that name
+    it as their ``fixed_curvature``)."""
     _METHODS[cls.name] = cls
+    if not selectable:
+        _FIXED.add(cls.name)
     return cls
 
 
 def available():
-    return sorted(_METHODS)
+    """The names users can pass as ``KFAC(curvature=...)``."""
+    return sorted(set(_METHODS) - _FIXED)
 
 
 def get(name):
@@ -38,5 +47,6 @@ def get(name):
 
 for _cls in (KFAC, EKFAC, KPSVD, Deflation, KFACCorrected, Lanczos, TENGraD, CGFAC, Diagonal, Auto):
     register(_cls)
+register(ScaleAndShift, selectable=False)
 
 __all__ = ["Curvature", "LayerBatch", "available", "get", "register"]

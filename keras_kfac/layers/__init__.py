@@ -16,11 +16,25 @@ kernel order, so ``vec_row(V)`` is the parameter vector of the conventions).
 from keras_kfac.layers.base import LayerBlock, block_for_layer, unsupported_reason
 from keras_kfac.layers.conv2d import Conv2DBlock
 from keras_kfac.layers.dense import DenseBlock
+from keras_kfac.layers import normalization
+from keras_kfac.layers.normalization import (
+    BatchNormalizationBlock,
+    GroupNormalizationBlock,
+    LayerNormalizationBlock,
+    ScaleAndShiftBlock,
+)
 
 __all__ = [
     "LayerBlock",
     "DenseBlock",
     "Conv2DBlock",
+    "ScaleAndShiftBlock",
+    "LayerNormalizationBlock",
+    "BatchNormalizationBlock",
+    "GroupNormalizationBlock",
     "block_for_layer",
     "unsupported_reason",
 ]
+if hasattr(normalization, "RMSNormalizationBlock"):
+    RMSNormalizationBlock = normalization.RMSNormalizationBlock
+    __all__.append("RMSNormalizationBlock")

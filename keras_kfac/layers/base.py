@@ -73,6 +73,9 @@ class LayerBlock:
         """Run ``layer``'s original ``call`` for the instrumentation, passing
         the tensor whose loss gradient is the block's ``g`` through ``tap``
         (which records it and returns the tensor to continue with).
+        ``tap(s, recorded_inputs=x)`` records ``x`` instead of the layer's
+        ``inputs`` as what :meth:`activations` later receives (blocks whose
+        ``a`` is an intermediate of the layer's own computation).
 
         Here that tensor is the pre-activation output: the layer's own
         activation is set to linear for the call and applied afterwards, so
