@@ -16,7 +16,7 @@ from keras.src.optimizers.loss_scale_optimizer import LossScaleOptimizer
 from keras_kfac import curvature as curvature_lib
 from keras_kfac import distributed
 from keras_kfac.capture import Capture, candidate_layers
-from keras_kfac.layers import block_for_layer, unsupported_reason
+from keras_kfac.layers import blocks_for_layer, unsupported_reason
 from keras_kfac.losses import SampledLoss
 from keras_kfac.monitoring import StepMonitor
 from keras_kfac.graph_util import run_if
@@ -247,8 +247,9 @@ class KFAC(keras.optimizers.Optimizer):
             **self.curvature_options,
         )
         self._blocks, self._curvatures, self._unsupported = [], [], []
-        for layer in candidate_layers(model):
-            block = block_for_layer(layer)
+        # One layer may give several blocks (a recurrent layer's kernels).
+        layer_blocks = [(l, b) for l in candidate_layers(model) for b in blocks_for_layer(l) or [None]]
+        for layer, block in layer_blocks:
             if block is None:
                 self._unsupported.append((layer, unsupported_reason(layer)))
                 continue

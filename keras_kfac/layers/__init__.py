@@ -13,14 +13,24 @@ and maps the layer's variable gradients to and from the matrix ``V`` of shape
 kernel order, so ``vec_row(V)`` is the parameter vector of the conventions).
 """
 
-from keras_kfac.layers.base import LayerBlock, block_for_layer, unsupported_reason
+from keras_kfac.layers.base import (
+    LayerBlock,
+    block_for_layer,
+    blocks_for_layer,
+    unsupported_reason,
+)
 from keras_kfac.layers.conv2d import Conv2DBlock
 from keras_kfac.layers.dense import DenseBlock
+from keras_kfac.layers.recurrent import GRUBiasBlock, RNNKernelBlock, RNNRecurrentKernelBlock
 
 __all__ = [
     "LayerBlock",
     "DenseBlock",
     "Conv2DBlock",
+    "RNNKernelBlock",
+    "RNNRecurrentKernelBlock",
+    "GRUBiasBlock",
     "block_for_layer",
+    "blocks_for_layer",
     "unsupported_reason",
 ]

@@ -68,6 +68,14 @@ class LayerBlock:
             return [kernel, v[-1]]
         return [kernel]
 
+    @classmethod
+    def blocks_for(cls, layer):
+        """Every block of ``layer`` (one here). Layers with several weight
+        matrices that need their own Kronecker factors (a recurrent layer's
+        kernel and recurrent kernel) return one block per group; the blocks
+        share the layer's recorded tensors and own disjoint variables."""
+        return [cls(layer)]
+
     @staticmethod
     def forward(layer, call, tap, inputs, *args, **kwargs):
         """Run ``layer``'s original ``call`` for the instrumentation, passing
@@ -128,8 +136,15 @@ def block_class_for_layer(layer):
 
 
 def block_for_layer(layer):
-    """The block for ``layer``, or None if its variables take the fallback."""
+    """The block for ``layer`` (its first, for layers with several), or None
+    if its variables take the fallback."""
+    blocks = blocks_for_layer(layer)
+    return blocks[0] if blocks else None
+
+
+def blocks_for_layer(layer):
+    """Every block of ``layer`` (empty if its variables take the fallback)."""
     for cls in _BLOCK_TYPES:
         if type(layer) in cls.layer_types and cls.unsupported_reason(layer) is None:
-            return cls(layer)
-    return None
+            return cls.blocks_for(layer)
+    return []
