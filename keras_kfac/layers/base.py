@@ -85,7 +85,9 @@ class LayerBlock:
         Here that tensor is the pre-activation output: the layer's own
         activation is set to linear for the call and applied afterwards, so
         fused activations work. Blocks whose ``g`` lives elsewhere override
-        this."""
+        this; ``tap(s, recorded=x)`` makes ``activations`` receive ``x``
+        instead of the layer's inputs (a zero-argument callable is resolved
+        when ``forward`` returns, for values computed after ``s``)."""
         activation = getattr(layer, "activation", None)
         if activation is None:
             return tap(call(inputs, *args, **kwargs))

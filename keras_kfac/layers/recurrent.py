@@ -21,17 +21,23 @@ bias variable ``(2, 3u)`` as its own block (``a = 1``,
 ``g = [dl/dm_t; dl/dq_t]``), so that no variable is split between blocks.
 
 Capturing ``g_t`` inside Keras's recurrent loop (a ``tf.while_loop`` in graph
-and XLA modes): for the instrumented forward pass the cell's bias is replaced,
-at every step, by ``b + p_t`` where ``p`` is a zero "probe" sequence
-``(n, T, bias size)`` concatenated to the layer's inputs (so the loop slices
-it per step) and split off again inside the cell. ``dl/dp_t = dl/dz_t``
-comes out of the ordinary backward pass, outside the loop, and ``p`` is what
-the instrumentation taps. The cell also outputs its incoming state
-``h_{t-1}`` next to its output, with the layer returning sequences, so
-``h_{t-1}`` for every t is read after the loop; the user's output is sliced
-back out unchanged. Masked steps carry the state unchanged in Keras, so
-their ``g_t`` is zero; their ``a_t`` (homogeneous coordinate included) is
-zeroed too, so padding does not enter the input factors.
+and XLA modes): for the instrumented forward pass the cell's bias is
+replaced, at step t, by ``B_t``, the bias broadcast to a ``(n, T, bias size)``
+"probe" sequence concatenated to the layer's inputs (so the loop slices it
+per step) and split off again inside the cell. Then ``dl/dB_t = dl/dz_t``
+(for GRU, ``[dl/dm_t; dl/dq_t]``) comes out of the ordinary backward pass,
+outside the loop, and ``B`` is what the instrumentation taps. A copy of the
+bias rather than an added zero tensor, because the backward pass runs only
+on paths from the trainable variables to the loss (hence ``use_bias=False``
+is refused). The cell also outputs its incoming state ``h_{t-1}`` next to
+its output, with the layer returning sequences, so ``h_{t-1}`` for every t
+is read after the loop; the user's output (and states) are sliced back out
+unchanged. Masked steps carry the state unchanged in Keras, so their
+``g_t`` is zero; their ``a_t`` (homogeneous coordinate included) is zeroed
+too, so padding does not enter the input factors (``G`` still averages over
+all ``T`` steps, as the curvature methods' factor definition does).
+``go_backwards``, ``unroll``, ``stateful``, ``return_state``, ``initial_state``
+and masks are handled.
 
 Known cost: the instrumented forward runs Keras's generic loop, not the fused
 cuDNN kernel (which computes the whole sequence in one op, leaving no step to
@@ -63,9 +69,13 @@ def _probe_size(layer):
 
 
 class _CellProbe:
-    """Context in which ``layer`` takes ``[x, p]`` sequences, adds ``p_t`` to
-    its cell's pre-activation through the bias, runs the generic loop, and
-    returns ``[output_t, h_{t-1}]`` for every step."""
+    """Context in which ``layer`` takes ``[x, B]`` sequences, uses ``B_t`` as
+    its cell's bias at step t, runs the generic loop, and returns
+    ``[output_t, h_{t-1}]`` for every step.
+
+    Relies on the Keras 3 cells reading ``self.bias`` in ``call`` and adding
+    it to the pre-activation once (implementation=2; checked on keras 3.15.1
+    by the brute-force tests)."""
 
     def __init__(self, layer):
         self.layer = layer
@@ -204,7 +214,8 @@ class RNNKernelBlock(LayerBlock):
     @staticmethod
     def forward(layer, call, tap, inputs, *args, **kwargs):
         """Run ``layer`` with the probe (module docstring); tap the probe and
-        record ``[x_t, h_{t-1}, 1]``, zeroed at masked steps."""
+        record ``[x_t, h_{t-1}, 1]``, zeroed at masked steps. Inputs must be
+        ``(n, T, d)`` sequences."""
         bound = inspect.signature(call).bind(inputs, *args, **kwargs).arguments
         mask = bound.get("mask")
         if isinstance(mask, (list, tuple)):
