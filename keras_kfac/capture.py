@@ -193,16 +193,22 @@ class Capture:
             if record is None or self._paused or _is_symbolic(inputs) or not self._records():
                 return original(inputs, *args, **kwargs)
 
-            def tap(s, recorded_inputs=None):
+            def tap(s, recorded=None):
+                # ``recorded``: what the block's ``activations`` gets instead
+                # of the layer's inputs; a zero-argument callable is resolved
+                # when the forward returns (values computed after ``s``).
                 if record.tape is None:
                     s = self._tap(record, key, s)
                 else:
                     record.tape.watch(s)
-                record.inputs[key].append(inputs if recorded_inputs is None else recorded_inputs)
+                record.inputs[key].append(inputs if recorded is None else recorded)
                 record.preactivations[key].append(s)
                 return s
 
-            return forward(layer, original, tap, inputs, *args, **kwargs)
+            outputs = forward(layer, original, tap, inputs, *args, **kwargs)
+            entries = record.inputs[key]
+            entries[:] = [x() if callable(x) else x for x in entries]
+            return outputs
 
         call.__wrapped__ = original
         return call

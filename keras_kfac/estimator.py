@@ -27,7 +27,7 @@ from keras_kfac import curvature as curvature_lib
 from keras_kfac import distributed
 from keras_kfac.capture import Capture, candidate_layers
 from keras_kfac.curvature.base import Curvature, LayerBatch
-from keras_kfac.layers import LayerBlock, block_for_layer, unsupported_reason
+from keras_kfac.layers import LayerBlock, blocks_for_layer, unsupported_reason
 from keras_kfac.losses import SampledLoss
 
 #: Largest block (in parameters) for which ``matrix`` builds a dense matrix.
@@ -106,31 +106,35 @@ class CurvatureEstimator:
         samples (default: the model's compiled loss)."""
         model = self.model()
         keys = {key(v) for v in variables}
+        # One layer may give several blocks (a recurrent layer's kernels).
         for layer in candidate_layers(model):
-            block = block_for_layer(layer)
-            if block is None:
+            blocks = blocks_for_layer(layer)
+            if not blocks:
                 self.unsupported.append((layer, unsupported_reason(layer)))
-                continue
-            if not all(key(v) in keys for v in block.variables):
-                continue
-            method = curvature_lib.get(block.fixed_curvature or self._method_name(layer))
-            curvature = method(block, damping_mode=self.damping_mode, **self._options_for(method))
-            curvature.built_variables = []
-
-            def add(name, shape, initializer="zeros", block=block, curvature=curvature):
-                variable = add_variable(f"{block.name}_{name}", shape, initializer)
-                curvature.built_variables.append(variable)
-                return variable
-
-            curvature.build(add)
-            self.blocks.append(block)
-            self.curvatures.append(curvature)
+            for block in blocks:
+                self._build_block(layer, block, keys, add_variable, key)
         self._block_keys = {key(v) for b in self.blocks for v in b.variables}
         self.fallback_variables = [v for v in variables if key(v) not in self._block_keys]
         if self.fisher == "sampled" and self.blocks:
             self.sampled_loss = SampledLoss.from_keras(
                 loss if loss is not None else getattr(model, "loss", None)
             )
+
+    def _build_block(self, layer, block, keys, add_variable, key) -> None:
+        if not all(key(v) in keys for v in block.variables):
+            return  # frozen: nothing to update
+        method = curvature_lib.get(block.fixed_curvature or self._method_name(layer))
+        curvature = method(block, damping_mode=self.damping_mode, **self._options_for(method))
+        curvature.built_variables = []
+
+        def add(name, shape, initializer="zeros"):
+            variable = add_variable(f"{block.name}_{name}", shape, initializer)
+            curvature.built_variables.append(variable)
+            return variable
+
+        curvature.build(add)
+        self.blocks.append(block)
+        self.curvatures.append(curvature)
 
     def _method_name(self, layer) -> str:
         if isinstance(self.curvature, dict):

@@ -74,7 +74,7 @@ def layer_batch(model, layer, x, y, loss):
         with tf.GradientTape() as tape:
             total = tf.reduce_sum(fn(y, model(x, training=False)))
         # Back-propagating to the layer's variables runs the recording taps.
-        tape.gradient(total, block.variables)
+        tape.gradient(total, layer.trainable_weights)
         record = capture.current()
     finally:
         capture.remove()

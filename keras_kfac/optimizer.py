@@ -15,7 +15,6 @@ from keras_kfac import compat
 from keras_kfac import curvature as curvature_lib
 from keras_kfac import distributed
 from keras_kfac.estimator import (
-    CADENCE_OPTIONS,
     CurvatureEstimator,
     check_options,
     register_model_discovery,

@@ -13,7 +13,12 @@ and maps the layer's variable gradients to and from the matrix ``V`` of shape
 kernel order, so ``vec_row(V)`` is the parameter vector of the conventions).
 """
 
-from keras_kfac.layers.base import LayerBlock, block_for_layer, unsupported_reason
+from keras_kfac.layers.base import (
+    LayerBlock,
+    block_for_layer,
+    blocks_for_layer,
+    unsupported_reason,
+)
 from keras_kfac.layers.conv2d import Conv2DBlock
 from keras_kfac.layers.dense import DenseBlock
 from keras_kfac.layers import normalization
@@ -23,6 +28,7 @@ from keras_kfac.layers.normalization import (
     LayerNormalizationBlock,
     ScaleAndShiftBlock,
 )
+from keras_kfac.layers.recurrent import GRUBiasBlock, RNNKernelBlock, RNNRecurrentKernelBlock
 
 __all__ = [
     "LayerBlock",
@@ -32,7 +38,11 @@ __all__ = [
     "LayerNormalizationBlock",
     "BatchNormalizationBlock",
     "GroupNormalizationBlock",
+    "RNNKernelBlock",
+    "RNNRecurrentKernelBlock",
+    "GRUBiasBlock",
     "block_for_layer",
+    "blocks_for_layer",
     "unsupported_reason",
 ]
 if hasattr(normalization, "RMSNormalizationBlock"):

@@ -68,19 +68,31 @@ class LayerBlock:
             return [kernel, v[-1]]
         return [kernel]
 
+    @classmethod
+    def blocks_for(cls, layer):
+        """Every block of ``layer`` (one here). Layers with several weight
+        matrices that need their own Kronecker factors (a recurrent layer's
+        kernel and recurrent kernel) return one block per group; the blocks
+        share the layer's recorded tensors and own disjoint variables."""
+        return [cls(layer)]
+
     @staticmethod
     def forward(layer, call, tap, inputs, *args, **kwargs):
         """Run ``layer``'s original ``call`` for the instrumentation, passing
         the tensor whose loss gradient is the block's ``g`` through ``tap``
         (which records it and returns the tensor to continue with).
-        ``tap(s, recorded_inputs=x)`` records ``x`` instead of the layer's
+        ``tap(s, recorded=x)`` records ``x`` instead of the layer's
         ``inputs`` as what :meth:`activations` later receives (blocks whose
-        ``a`` is an intermediate of the layer's own computation).
+        ``a`` is an intermediate of the layer's own computation); a
+        zero-argument callable is resolved when ``forward`` returns (values
+        computed after ``s``, e.g. inside a recurrent loop).
 
         Here that tensor is the pre-activation output: the layer's own
         activation is set to linear for the call and applied afterwards, so
         fused activations work. Blocks whose ``g`` lives elsewhere override
-        this."""
+        this; ``tap(s, recorded=x)`` makes ``activations`` receive ``x``
+        instead of the layer's inputs (a zero-argument callable is resolved
+        when ``forward`` returns, for values computed after ``s``)."""
         activation = getattr(layer, "activation", None)
         if activation is None:
             return tap(call(inputs, *args, **kwargs))
@@ -131,8 +143,15 @@ def block_class_for_layer(layer):
 
 
 def block_for_layer(layer):
-    """The block for ``layer``, or None if its variables take the fallback."""
+    """The block for ``layer`` (its first, for layers with several), or None
+    if its variables take the fallback."""
+    blocks = blocks_for_layer(layer)
+    return blocks[0] if blocks else None
+
+
+def blocks_for_layer(layer):
+    """Every block of ``layer`` (empty if its variables take the fallback)."""
     for cls in _BLOCK_TYPES:
         if type(layer) in cls.layer_types and cls.unsupported_reason(layer) is None:
-            return cls(layer)
-    return None
+            return cls.blocks_for(layer)
+    return []

@@ -150,7 +150,7 @@ class ScaleAndShiftBlock(LayerBlock):
             y = y * values[cls.scale_attribute]
         if cls.shift_attribute in values:
             y = y + values[cls.shift_attribute]
-        return tap(tf.cast(y, xhat.dtype), recorded_inputs=xhat)
+        return tap(tf.cast(y, xhat.dtype), recorded=xhat)
 
 
 @register_block
