@@ -181,9 +181,10 @@ def collective_launcher(strategy, replica_context):
 
 
 def cross_device_ops_name(strategy):
-    """Name of the strategy's cross-device ops, for error messages."""
+    """Name of the strategy's configured cross-device ops, for error
+    messages (same private attributes as :func:`collective_launcher`)."""
     extended = strategy.extended
-    ops = getattr(extended, "_collective_ops", None) or getattr(extended, "_cross_device_ops", None)
+    ops = getattr(extended, "_cross_device_ops", None) or getattr(extended, "_collective_ops", None)
     return type(ops).__name__
 
 

@@ -123,8 +123,8 @@ class CurvatureEstimator:
     def _build_block(self, layer, block, keys, add_variable, key) -> None:
         if not all(key(v) in keys for v in block.variables):
             return  # frozen: nothing to update
-        method = curvature_lib.get(block.fixed_curvature or self._method_name(layer))
-        curvature = method(block, damping_mode=self.damping_mode, **self._options_for(method))
+        name = block.fixed_curvature or self._method_name(layer)
+        curvature = curvature_lib.create(name, block, self.damping_mode, **self.options)
         curvature.built_variables = []
 
         def add(name, shape, initializer="zeros"):
@@ -140,10 +140,6 @@ class CurvatureEstimator:
         if isinstance(self.curvature, dict):
             return self.curvature.get(layer.name, self.curvature.get("default", "kfac"))
         return self.curvature
-
-    def _options_for(self, method) -> Dict:
-        accepted = method.option_names()
-        return {k: v for k, v in self.options.items() if k in accepted}
 
     def covers(self, key) -> bool:
         """Whether the variable with this key belongs to a block."""

