@@ -17,6 +17,7 @@ from keras_kfac import curvature as curvature_lib
 from keras_kfac import distributed
 from keras_kfac.capture import Capture, candidate_layers
 from keras_kfac.layers import block_for_layer, unsupported_reason
+from keras_kfac.layers.base import dense_matrix, matrix_inner, scale_matrix
 from keras_kfac.losses import SampledLoss
 from keras_kfac.monitoring import StepMonitor
 from keras_kfac.graph_util import run_if
@@ -248,7 +249,7 @@ class KFAC(keras.optimizers.Optimizer):
         )
         self._blocks, self._curvatures, self._unsupported = [], [], []
         for layer in candidate_layers(model):
-            block = block_for_layer(layer)
+            block = block_for_layer(layer, model=model, **self.curvature_options)
             if block is None:
                 self._unsupported.append((layer, unsupported_reason(layer)))
                 continue
@@ -434,7 +435,7 @@ class KFAC(keras.optimizers.Optimizer):
             p = curvature.precondition(v, damping, None if current is None else current[i])
             preconditioned.append(p)
             matrices.append(v)
-            inner.append(tf.reduce_sum(v * p))
+            inner.append(matrix_inner(v, p))
         if self.adaptive_step:
             self._monitor.note_preconditioning(matrices, preconditioned, tf.constant(1.0))
             directions = self._monitor.adaptive_directions(
@@ -442,9 +443,11 @@ class KFAC(keras.optimizers.Optimizer):
             )
             return directions, stats_ok
         scale = self._kl_scale(tf.add_n(inner), learning_rate)
-        self._monitor.note_preconditioning(matrices, preconditioned, scale)
+        self._monitor.note_preconditioning(
+            [dense_matrix(m) for m in matrices], [dense_matrix(p) for p in preconditioned], scale
+        )
         for block, p in zip(self._blocks, preconditioned):
-            for w, d in zip(block.variables, block.from_matrix(scale * p)):
+            for w, d in zip(block.variables, block.from_matrix(scale_matrix(scale, p))):
                 directions[position[self._var_key(w)]] = tf.cast(d, w.dtype)
         return directions, stats_ok
 
@@ -570,14 +573,14 @@ class KFAC(keras.optimizers.Optimizer):
                 raise ValueError("Register a model (compile or KFAC(model=...)) first.")
             self.build(model.trainable_variables)
         lines = [f"KFAC(curvature={self.curvature!r}, fisher={self.fisher!r}, damping_mode={self.damping_mode!r})"]
-        lines.append(f"{'layer':<28}{'type':<10}{'curvature':<14}{'A':>12}{'G':>12}")
+        lines.append(f"{'layer':<28}{'type':<12}{'curvature':<14}{'A':>12}{'G':>12}  structure")
         for block, curvature in zip(self._blocks, self._curvatures):
             lines.append(
-                f"{block.name:<28}{type(block.layer).__name__:<10}{curvature.name:<14}"
-                f"{block.a_dim:>12}{block.g_dim:>12}"
+                f"{block.name:<28}{type(block.layer).__name__:<12}{curvature.name:<14}"
+                f"{block.a_dim:>12}{block.g_dim:>12}  {block.structure()}"
             )
         for layer, reason in self._unsupported:
-            lines.append(f"{layer.name:<28}{type(layer).__name__:<10}{'fallback':<14}  ({reason})")
+            lines.append(f"{layer.name:<28}{type(layer).__name__:<12}{'fallback':<14}  ({reason})")
         fallback = [v for v in self._trainable_variables if self._var_key(v) in self._fallback_keys]
         if fallback:
             lines.append(
@@ -635,7 +638,7 @@ def _statistics_finite(batches):
         tf.math.is_finite(tf.reduce_sum(tf.square(t)))
         for batch in batches
         if batch is not None
-        for t in (batch.a(), batch.g())
+        for t in batch.statistics_tensors()
     ]
     return tf.reduce_all(checks) if checks else tf.constant(True)
 

@@ -16,11 +16,15 @@ kernel order, so ``vec_row(V)`` is the parameter vector of the conventions).
 from keras_kfac.layers.base import LayerBlock, block_for_layer, unsupported_reason
 from keras_kfac.layers.conv2d import Conv2DBlock
 from keras_kfac.layers.dense import DenseBlock
+from keras_kfac.layers.einsum_dense import EinsumDenseBlock
+from keras_kfac.layers.embedding import EmbeddingBlock
 
 __all__ = [
     "LayerBlock",
     "DenseBlock",
     "Conv2DBlock",
+    "EinsumDenseBlock",
+    "EmbeddingBlock",
     "block_for_layer",
     "unsupported_reason",
 ]
