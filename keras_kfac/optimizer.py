@@ -53,10 +53,11 @@ class KFAC(keras.optimizers.Optimizer):
 
         model.compile(optimizer=keras_kfac.KFAC(), loss="sparse_categorical_crossentropy")
 
-    Each Dense and Conv2D layer gets a curvature block (``curvature=``); the
-    update of its parameters is ``-lr * P(grad)`` with ``P`` the damped inverse
-    of the block's approximate Fisher, then KL clipping and heavy-ball momentum.
-    All other trainable variables (BatchNormalization, Embedding, custom
+    Each Dense, EinsumDense, Embedding and Conv2D layer gets a curvature block
+    (``curvature=``); the update of its parameters is ``-lr * P(grad)`` with
+    ``P`` the damped inverse of the block's approximate Fisher, then KL
+    clipping and heavy-ball momentum. All other trainable variables
+    (BatchNormalization, custom
     layers, subclasses of Dense/Conv2D, grouped convolutions) are updated by
     Adam with ``fallback_learning_rate``. ``summary()`` lists which is which.
 
@@ -85,7 +86,9 @@ class KFAC(keras.optimizers.Optimizer):
             hand-written loops (defaults to the model's compiled loss).
         fallback_learning_rate: Adam learning rate for variables outside a
             curvature block.
-        curvature_options: extra keyword arguments for the curvature classes.
+        curvature_options: extra keyword arguments for the curvature classes,
+            plus the block options ``weight_sharing`` and ``max_factor_dim``
+            (:func:`keras_kfac.layers.base.block_for_layer`).
         seed: seed of the target sampling.
         adaptive_step: choose the learning rate alpha and momentum mu of every
             step by minimising the exact quadratic model (GGN on the batch)

@@ -294,7 +294,8 @@ def test_mixed_float16_keeps_float32_factors_and_unscales(fisher):
 
 def test_model_with_no_supported_layer_warns_and_trains():
     x, y = classification_data()
-    model = keras.Sequential([keras.Input((6,)), keras.layers.EinsumDense("ab,bc->ac", output_shape=3)])
+    # A per-feature scale: its kernel axis indexes input and output, no Kronecker block.
+    model = keras.Sequential([keras.Input((6,)), keras.layers.EinsumDense("ab,b->ab", output_shape=6)])
     model.compile(optimizer=keras_kfac.KFAC(), loss=SCCE)
     with pytest.warns(UserWarning, match="no Dense or Conv2D"):
         losses = fit_loss(model, x, y, epochs=5)
