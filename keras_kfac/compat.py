@@ -61,6 +61,16 @@ def flatten_layers(model):
     return list(model._flatten_layers(include_self=False, recursive=True))
 
 
+def built_input_shape(layer):
+    """The input shape ``layer`` was built with (None when unknown); nested
+    layers (e.g. MultiHeadAttention's projections) have no public
+    ``layer.input``.
+    Private: ``Layer._build_shapes_dict`` (keras 3.0 - 3.15.1)."""
+    shapes = getattr(layer, "_build_shapes_dict", None) or {}
+    shape = next(iter(shapes.values()), None) if len(shapes) == 1 else None
+    return None if shape is None else tuple(shape)
+
+
 def call_has_training_arg(model):
     """Whether ``model.call`` takes ``training``.
     Private: ``Layer._call_has_training_arg`` (keras 3.0 - 3.15.1)."""

@@ -28,6 +28,7 @@ from keras_kfac import distributed
 from keras_kfac.capture import Capture, candidate_layers
 from keras_kfac.curvature.base import Curvature, LayerBatch
 from keras_kfac.layers import LayerBlock, blocks_for_layer, unsupported_reason
+from keras_kfac.layers.base import BLOCK_OPTIONS, matrix_inner, scale_matrix
 from keras_kfac.losses import SampledLoss
 
 #: Largest block (in parameters) for which ``matrix`` builds a dense matrix.
@@ -49,7 +50,7 @@ def method_names(curvature) -> List[str]:
 def check_options(curvature, options: Dict) -> None:
     """Unknown ``curvature_options`` keys are an error naming the valid ones
     (the options of the selected methods)."""
-    valid = set()
+    valid = set(BLOCK_OPTIONS)
     for name in method_names(curvature):
         valid |= curvature_lib.get(name).option_names()
     unknown = sorted(set(options) - valid)
@@ -108,7 +109,7 @@ class CurvatureEstimator:
         keys = {key(v) for v in variables}
         # One layer may give several blocks (a recurrent layer's kernels).
         for layer in candidate_layers(model):
-            blocks = blocks_for_layer(layer)
+            blocks = blocks_for_layer(layer, model=model, **self.options)
             if not blocks:
                 self.unsupported.append((layer, unsupported_reason(layer)))
             for block in blocks:
@@ -174,7 +175,7 @@ class CurvatureEstimator:
             tf.math.is_finite(tf.reduce_sum(tf.square(t)))
             for batch in batches
             if batch is not None
-            for t in (batch.a(), batch.g())
+            for t in batch.statistics_tensors()
         ]
         return tf.reduce_all(checks) if checks else tf.constant(True)
 
@@ -199,6 +200,15 @@ class CurvatureEstimator:
             curvature.precondition(v, damping, None if batches is None else batches[i])
             for i, (curvature, v) in enumerate(zip(self.curvatures, matrices))
         ]
+
+    @staticmethod
+    def inner_product(matrices, preconditioned) -> tf.Tensor:
+        """``sum_blocks <V, P(V)>`` (sparse blocks stay sparse)."""
+        return tf.add_n([matrix_inner(v, p) for v, p in zip(matrices, preconditioned)])
+
+    @staticmethod
+    def scaled(scale, matrices) -> List:
+        return [scale_matrix(scale, m) for m in matrices]
 
     def to_variables(self, matrices, variables, key, into) -> List:
         """Write each block matrix back as its variables' tensors into the
@@ -234,14 +244,14 @@ class CurvatureEstimator:
         return self.curvatures[i].matrix()
 
     def summary_rows(self) -> List[str]:
-        rows = [f"{'layer':<28}{'type':<10}{'curvature':<14}{'A':>12}{'G':>12}"]
+        rows = [f"{'layer':<28}{'type':<20}{'curvature':<16}{'A':>8}{'G':>8}  structure"]
         for block, curvature in zip(self.blocks, self.curvatures):
             rows.append(
-                f"{block.name:<28}{type(block.layer).__name__:<10}{curvature.name:<14}"
-                f"{block.a_dim:>12}{block.g_dim:>12}"
+                f"{block.name:<28}{type(block.layer).__name__:<20}{curvature.name:<16}"
+                f"{block.a_dim:>8}{block.g_dim:>8}  {block.structure()}"
             )
         for layer, reason in self.unsupported:
-            rows.append(f"{layer.name:<28}{type(layer).__name__:<10}{'fallback':<14}  ({reason})")
+            rows.append(f"{layer.name:<28}{type(layer).__name__:<20}{'fallback':<16}  ({reason})")
         return rows
 
 

@@ -305,6 +305,8 @@ class StepMonitor:
         s["grad_norm"].assign(tf.sqrt(quadratic.dot(g32, g32)))
         vs, ps = step.get("matrices"), step.get("preconditioned")
         if vs:
+            # Dense only here, on logging steps (embedding blocks are sparse).
+            vs, ps = [tf.convert_to_tensor(v) for v in vs], [tf.convert_to_tensor(p) for p in ps]
             inner = quadratic.dot(vs, ps)
             norms = tf.sqrt(quadratic.dot(vs, vs) * quadratic.dot(ps, ps))
             s["grad_cosine"].assign(tf.math.divide_no_nan(inner, norms))

@@ -88,8 +88,10 @@ class KFAC(keras.optimizers.Optimizer):
             hand-written loops (defaults to the model's compiled loss).
         fallback_learning_rate: learning rate of the Adam fallback for
             variables outside a curvature block.
-        curvature_options: extra keyword arguments for the curvature classes
-            (an unknown key is an error listing the valid ones).
+        curvature_options: extra keyword arguments for the curvature classes,
+            plus the block options ``weight_sharing`` and ``max_factor_dim``
+            (:func:`keras_kfac.layers.base.blocks_for_layer`); an unknown key
+            is an error listing the valid ones.
         seed: seed of the target sampling.
         adaptive_step: choose the learning rate alpha and momentum mu of every
             step by minimising the exact quadratic model (GGN on the batch)
@@ -447,11 +449,10 @@ class KFAC(keras.optimizers.Optimizer):
             self._monitor.note_preconditioning(matrices, preconditioned, tf.constant(1.0))
             directions = self._monitor.adaptive_directions(grads, variables, preconditioned)
             return directions, stats_ok
-        inner = tf.add_n([tf.reduce_sum(v * p) for v, p in zip(matrices, preconditioned)])
-        scale = self._kl_scale(inner, learning_rate)
+        scale = self._kl_scale(estimator.inner_product(matrices, preconditioned), learning_rate)
         self._monitor.note_preconditioning(matrices, preconditioned, scale)
         directions = estimator.to_variables(
-            [scale * p for p in preconditioned], variables, self._key, list(grads)
+            estimator.scaled(scale, preconditioned), variables, self._key, list(grads)
         )
         return directions, stats_ok
 

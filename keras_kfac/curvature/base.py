@@ -48,6 +48,50 @@ class LayerBatch:
         g = parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
         return g * tf.cast(self._grad_scale, tf.float32)
 
+    @property
+    def inputs(self):
+        """The layer's recorded inputs, one per use (empty for a batch built
+        from already computed ``a``/``g``)."""
+        return self._inputs
+
+    # K-FAC-expand / K-FAC-reduce (Eschenhagen et al. 2023, arXiv 2311.00636)
+    # in this project's convention (per-example loss l_i, F = (1/n) sum_i
+    # grad l_i grad l_i^T, U_i = sum_t a_{i,t} g_{i,t}^T):
+    #   expand: A = (1/n) sum_i sum_t a a^T,  G = (1/(nT)) sum_i sum_t g g^T
+    #           (locations are extra examples; exact for a deep linear network
+    #           whose loss is a sum over locations, each seeing its own input);
+    #   reduce: A = (1/n) sum_i a_i a_i^T with a_i = mean_t a_{i,t},
+    #           G = (1/n) sum_i g_i g_i^T with g_i = sum_t g_{i,t}
+    #           (exact for a deep linear network pooled over the locations
+    #           before the loss: then g_{i,t} = g_i / T and U_i = a_i g_i^T).
+    def factor_a(self):
+        """The input factor under the block's ``weight_sharing``; its
+        diagonal ``(a_dim,)`` when ``block.a_is_diagonal``."""
+        if self.block.a_is_diagonal:
+            return self.block.diagonal_factor_a(self)
+        a = self.a()
+        if self.block.weight_sharing == "reduce":
+            a = tf.reduce_mean(a, axis=1, keepdims=True)
+        return factor_a(a)
+
+    def factor_g(self):
+        """The output factor under the block's ``weight_sharing``; its
+        diagonal ``(g_dim,)`` when ``block.g_is_diagonal``."""
+        g = self.g()
+        if self.block.weight_sharing == "reduce":
+            g = tf.reduce_sum(g, axis=1, keepdims=True)
+        if self.block.g_is_diagonal:
+            return tf.einsum("nti,nti->i", g, g) / (batch_size(g) * locations(g))
+        return factor_g(g)
+
+    def statistics_tensors(self):
+        """What must be finite for this batch's statistics to be used: ``g``,
+        and ``a`` unless the block's ``a`` is a one-hot of ids (always
+        finite, never formed)."""
+        if getattr(self.block, "a_is_one_hot", False):
+            return (self.g(),)
+        return (self.a(), self.g())
+
 
 def batch_size(x):
     return tf.cast(tf.shape(x)[0], tf.float32)
@@ -89,6 +133,9 @@ class Curvature(abc.ABC):
     name: str = ""
     #: True when ``precondition`` needs the current step's ``batch``.
     uses_current_batch: bool = False
+    #: Whether the method works with a block whose ``A``/``G`` is kept as
+    #: its diagonal (``block.a_is_diagonal`` / ``g_is_diagonal``).
+    supports_diagonal_factors: bool = False
 
     def __init__(self, block, damping_mode="factored", stats_every=10, inverse_every=20):
         # ``stats_every``/``inverse_every`` are the optimizer's cadence, given
@@ -96,6 +143,11 @@ class Curvature(abc.ABC):
         if damping_mode not in ("factored", "eigen"):
             raise ValueError(
                 f"Unknown damping_mode={damping_mode!r}: use 'factored' or 'eigen'."
+            )
+        if (block.a_is_diagonal or block.g_is_diagonal) and not self.supports_diagonal_factors:
+            raise ValueError(
+                f"curvature={self.name!r} cannot use layer {block.name!r}: its block keeps a "
+                f"diagonal Kronecker factor ({block.structure()}); use curvature='kfac' for it."
             )
         self.block = block
         self.damping_mode = damping_mode

@@ -31,9 +31,24 @@ def symmetrize(m):
     return 0.5 * (m + tf.linalg.matrix_transpose(m))
 
 
+def mean_eigenvalue(m):
+    """``tr(M) / dim`` of a factor stored dense ``(d, d)`` or as its
+    diagonal ``(d,)``."""
+    if m.shape.rank == 1:
+        return tf.reduce_mean(m)
+    return tf.linalg.trace(m) / tf.cast(tf.shape(m)[0], m.dtype)
+
+
+def as_dense(m):
+    """A factor stored as its diagonal ``(d,)`` as the ``(d, d)`` matrix."""
+    return tf.linalg.diag(m) if m.shape.rank == 1 else m
+
+
 def damped_inverse(m, damping):
     """``(M + damping I)^-1`` by Cholesky. Non-PD input yields NaN (not an
     exception) on every TF device and under XLA; callers check finiteness."""
+    if m.shape.rank == 1:  # a diagonal factor: exact, O(d)
+        return 1.0 / (m + damping)
     dim = tf.shape(m)[0]
     eye = tf.eye(dim, dtype=m.dtype)
     chol = tf.linalg.cholesky(symmetrize(m) + damping * eye)
@@ -56,8 +71,7 @@ def safe_eigh(m):
 def pi_correction(a, g):
     """Martens & Grosse 2015, sec. 6.3: ``pi = sqrt((tr A/dim A)/(tr G/dim G))``
     (1 when either trace vanishes, e.g. before any statistics)."""
-    ta = tf.linalg.trace(a) / tf.cast(tf.shape(a)[0], a.dtype)
-    tg = tf.linalg.trace(g) / tf.cast(tf.shape(g)[0], g.dtype)
+    ta, tg = mean_eigenvalue(a), mean_eigenvalue(g)
     valid = (ta > 0.0) & (tg > 0.0)
     return tf.where(valid, tf.sqrt(tf.math.divide_no_nan(ta, tg)), 1.0)
 
@@ -86,6 +100,48 @@ def eigenbasis_solve(v, qa, qg, scale):
     diagonal (``scale``, shape ``(a_dim, g_dim)``) in the Kronecker eigenbasis
     ``kron(Qa, Qg)`` (K-FAC eigen damping, EKFAC)."""
     return qa @ ((tf.transpose(qa) @ v @ qg) / scale) @ tf.transpose(qg)
+
+
+def kronecker_solve(v, left, right, eigenvalues=None, damping=None):
+    """Without ``eigenvalues``: ``L V R`` for symmetric factors (inverses)
+    each dense ``(d, d)`` or diagonal ``(d,)``. With ``eigenvalues = (sa,
+    sg)``: ``L [(L^T V R) / (sa sg^T + damping)] R^T``, the eigen-damped
+    solve of :func:`eigenbasis_solve` with eigenvector matrices ``L``, ``R``;
+    a diagonal factor's basis is the identity, passed as None.
+
+    A row-sparse ``V`` (``tf.IndexedSlices`` over the ``A`` side, e.g. an
+    embedding's gradient) stays sparse, touching only its rows; it needs a
+    diagonal ``A`` side (``left`` a vector, or None with ``eigenvalues``)."""
+    sparse = isinstance(v, tf.IndexedSlices)
+    x = v.values if sparse else v
+    if sparse and left is not None and left.shape.rank != 1:
+        raise ValueError("A row-sparse gradient needs a diagonal input factor.")
+
+    def right_apply(x, r, transpose=False):
+        if r is None:
+            return x
+        if r.shape.rank == 1:
+            return x * r[None, :]
+        return x @ (tf.transpose(r) if transpose else r)
+
+    if eigenvalues is None:
+        if left is not None and left.shape.rank == 1:
+            rows = tf.gather(left, v.indices) if sparse else left
+            x = rows[:, None] * x
+        elif left is not None:
+            x = left @ x
+        x = right_apply(x, right)
+    else:
+        if left is not None:
+            x = tf.transpose(left) @ x
+        x = right_apply(x, right)
+        sa, sg = eigenvalues
+        rows = tf.gather(sa, v.indices) if sparse else sa
+        x = x / (rows[:, None] * sg[None, :] + damping)
+        x = right_apply(x, right, transpose=True)
+        if left is not None:
+            x = left @ x
+    return tf.IndexedSlices(x, v.indices, v.dense_shape) if sparse else x
 
 
 # --- per-example gradients, matrix-free -------------------------------------

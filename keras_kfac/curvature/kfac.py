@@ -16,12 +16,18 @@ are not finite, e.g. the Cholesky factorization of a near-singular factor
 whose damping is below float32 resolution, keeps the previous inverses (both
 of them, so they stay a pair) and multiplies ``m`` by ``DAMPING_RAISE``; the
 next refresh retries with the larger damping. ``m`` is never lowered.
+
+A block may keep ``A`` and/or ``G`` as its diagonal (``block.a_is_diagonal``
+/ ``g_is_diagonal``: an embedding's one-hot inputs, or a factor above the
+size guard ``max_factor_dim``): that factor is stored as a ``(d,)`` vector,
+its damped inverse is elementwise and its eigenbasis is the identity, so its
+memory is ``O(d)``. An embedding's row-sparse gradient stays sparse.
 """
 
 import tensorflow as tf
 
 from keras_kfac.curvature import factors as F
-from keras_kfac.curvature.base import Curvature, factor_a, factor_g
+from keras_kfac.curvature.base import Curvature
 
 #: Factor by which a failed refresh raises its layer's damping multiplier.
 DAMPING_RAISE = 10.0
@@ -31,34 +37,44 @@ class KroneckerFactors(Curvature):
     """Running averages of ``A`` and ``G``; shared by methods built on them."""
 
     def build(self, add_variable):
-        da, dg = self.block.a_dim, self.block.g_dim
-        self.a = add_variable("A", (da, da))
-        self.g = add_variable("G", (dg, dg))
+        self.a = self._add_factor(add_variable, "A", self.block.a_dim, self.block.a_is_diagonal)
+        self.g = self._add_factor(add_variable, "G", self.block.g_dim, self.block.g_is_diagonal)
+
+    @staticmethod
+    def _add_factor(add_variable, name, dim, diagonal):
+        if diagonal:
+            return add_variable(f"{name}_diagonal", (dim,))
+        return add_variable(name, (dim, dim))
 
     def update_statistics(self, batch, decay):
-        F.running_average(self.a, factor_a(batch.a()), decay)
-        F.running_average(self.g, factor_g(batch.g()), decay)
+        F.running_average(self.a, batch.factor_a(), decay)
+        F.running_average(self.g, batch.factor_g(), decay)
 
     def matrix(self):
-        return F.kron(self.a, self.g)
+        return F.kron(F.as_dense(self.a), F.as_dense(self.g))
 
     def factors(self):
-        return {"A": self.a, "G": self.g}
+        a = "A_diagonal" if self.block.a_is_diagonal else "A"
+        g = "G_diagonal" if self.block.g_is_diagonal else "G"
+        return {a: self.a, g: self.g}
 
 
 class KFAC(KroneckerFactors):
     name = "kfac"
+    supports_diagonal_factors = True
 
     def build(self, add_variable):
         super().build(add_variable)
-        da, dg = self.block.a_dim, self.block.g_dim
+        block = self.block
+        da, dg = block.a_dim, block.g_dim
         if self.damping_mode == "factored":
-            self.a_inverse = add_variable("A_inverse", (da, da))
-            self.g_inverse = add_variable("G_inverse", (dg, dg))
+            self.a_inverse = self._add_factor(add_variable, "A_inverse", da, block.a_is_diagonal)
+            self.g_inverse = self._add_factor(add_variable, "G_inverse", dg, block.g_is_diagonal)
         else:
-            self.a_evecs = add_variable("A_eigenvectors", (da, da))
+            # A diagonal factor is its own eigenvalues (identity eigenbasis).
+            self.a_evecs = None if block.a_is_diagonal else add_variable("A_eigenvectors", (da, da))
             self.a_evals = add_variable("A_eigenvalues", (da,))
-            self.g_evecs = add_variable("G_eigenvectors", (dg, dg))
+            self.g_evecs = None if block.g_is_diagonal else add_variable("G_eigenvectors", (dg, dg))
             self.g_evals = add_variable("G_eigenvalues", (dg,))
         self.multiplier = add_variable("damping_multiplier", (), initializer="ones")
 
@@ -78,12 +94,18 @@ class KFAC(KroneckerFactors):
                 (self.a, self.a_evals, self.a_evecs),
                 (self.g, self.g_evals, self.g_evecs),
             ):
-                values, vectors = F.safe_eigh(factor)
-                updates.append((evals, values, evecs, vectors))
-            ok = ok & tf.reduce_all([F.all_finite(t) for u in updates for t in (u[1], u[3])])
+                if evecs is None:
+                    updates.append((evals, tf.maximum(factor, 0.0), None, None))
+                else:
+                    values, vectors = F.safe_eigh(factor)
+                    updates.append((evals, values, evecs, vectors))
+            ok = ok & tf.reduce_all(
+                [F.all_finite(t) for u in updates for t in (u[1], u[3]) if t is not None]
+            )
             for evals, values, evecs, vectors in updates:
                 evals.assign(tf.where(ok, values, evals))
-                evecs.assign(tf.where(ok, vectors, evecs))
+                if evecs is not None:
+                    evecs.assign(tf.where(ok, vectors, evecs))
         multiplier.assign(tf.where(ok, multiplier, multiplier * DAMPING_RAISE))
         return ok
 
@@ -95,10 +117,16 @@ class KFAC(KroneckerFactors):
             state = [self.a_inverse, self.g_inverse]
         else:
             state = [self.a_evecs, self.a_evals, self.g_evecs, self.g_evals]
+            state = [v for v in state if v is not None]
         return state + [self.multiplier]
 
     def precondition(self, v, damping, batch=None):
         if self.damping_mode == "factored":
-            return self.a_inverse @ v @ self.g_inverse
-        scale = self.a_evals[:, None] * self.g_evals[None, :] + damping * self.multiplier
-        return F.eigenbasis_solve(v, self.a_evecs, self.g_evecs, scale)
+            return F.kronecker_solve(v, self.a_inverse, self.g_inverse)
+        return F.kronecker_solve(
+            v,
+            self.a_evecs,
+            self.g_evecs,
+            eigenvalues=(self.a_evals, self.g_evals),
+            damping=damping * self.multiplier,
+        )

@@ -29,6 +29,8 @@ from keras_kfac.layers.normalization import (
     ScaleAndShiftBlock,
 )
 from keras_kfac.layers.recurrent import GRUBiasBlock, RNNKernelBlock, RNNRecurrentKernelBlock
+from keras_kfac.layers.einsum_dense import EinsumDenseBlock
+from keras_kfac.layers.embedding import EmbeddingBlock
 
 __all__ = [
     "LayerBlock",
@@ -41,6 +43,8 @@ __all__ = [
     "RNNKernelBlock",
     "RNNRecurrentKernelBlock",
     "GRUBiasBlock",
+    "EinsumDenseBlock",
+    "EmbeddingBlock",
     "block_for_layer",
     "blocks_for_layer",
     "unsupported_reason",

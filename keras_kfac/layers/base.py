@@ -3,6 +3,17 @@
 import keras
 import tensorflow as tf
 
+from keras_kfac import compat
+
+#: Default largest Kronecker factor dimension (``max_factor_dim``): a dense
+#: 8192 x 8192 float32 factor is 256 MiB, 512 MiB with its inverse.
+DEFAULT_MAX_FACTOR_DIM = 8192
+WEIGHT_SHARING_MODES = ("expand", "reduce", "auto")
+#: ``KFAC(curvature_options=...)`` keys that configure blocks, not methods.
+BLOCK_OPTIONS = ("weight_sharing", "max_factor_dim")
+
+
+
 
 class LayerBlock:
     """One Dense/Conv2D layer seen as a Kronecker-factored Fisher block.
@@ -13,10 +24,24 @@ class LayerBlock:
     """
 
     layer_types = ()
+    #: Whether the block's curvature is Kronecker-factored in ``(a, g)`` (the
+    #: size guard and ``weight_sharing`` apply to it).
+    kronecker = True
+    #: Whether ``weight_sharing="auto"`` may choose reduce for this block type.
+    auto_weight_sharing = True
     #: Name of the curvature class this block always uses, whatever
     #: ``KFAC(curvature=...)`` says (blocks that are not Kronecker-factored,
     #: e.g. scale-and-shift); None: the user's choice.
     fixed_curvature = None
+    #: The input factor ``A`` is kept as its diagonal, shape ``(a_dim,)``
+    #: (set per instance by the size guard of :func:`block_for_layer`).
+    a_is_diagonal = False
+    #: Same for the output factor ``G``.
+    g_is_diagonal = False
+    #: ``"expand"`` or ``"reduce"`` (resolved by :func:`block_for_layer`):
+    #: how the Kronecker factors treat the locations, see
+    #: :meth:`keras_kfac.curvature.base.LayerBatch.factor_a`.
+    weight_sharing = "expand"
 
     def __init__(self, layer):
         self.layer = layer
@@ -103,6 +128,29 @@ class LayerBlock:
             object.__setattr__(layer, "activation", activation)
         return activation(tap(s))
 
+    def location_axes(self):
+        """How many axes besides the batch and the features the layer's input
+        has (None when unknown); the weight-sharing rule of
+        :func:`block_for_layer` compares it with the model output's."""
+        shape = compat.built_input_shape(self.layer)
+        return None if shape is None else len(shape) - 2
+
+    def diagonal_factor_a(self, batch):
+        """``diag(A)`` of ``batch`` under ``weight_sharing``, shape
+        ``(a_dim,)``: ``(1/n) sum_i sum_t a_bar^2`` (expand) or ``(1/n)
+        sum_i mean_t(a_bar)^2`` (reduce). Blocks whose ``a`` is one-hot
+        override this to count ids instead of forming ``a``."""
+        a = batch.a()
+        if self.weight_sharing == "reduce":
+            a = tf.reduce_mean(a, axis=1, keepdims=True)
+        return tf.einsum("nti,nti->i", a, a) / tf.cast(tf.shape(a)[0], tf.float32)
+
+    def structure(self):
+        """How the block's Fisher is factored, for ``summary()``."""
+        a = "diag(A)" if self.a_is_diagonal else "A"
+        g = "diag(G)" if self.g_is_diagonal else "G"
+        return f"{a}x{g},{self.weight_sharing}"
+
     def _locations(self, inputs):
         raise NotImplementedError
 
@@ -142,16 +190,116 @@ def block_class_for_layer(layer):
     return None
 
 
-def block_for_layer(layer):
+def block_for_layer(layer, **options):
     """The block for ``layer`` (its first, for layers with several), or None
-    if its variables take the fallback."""
-    blocks = blocks_for_layer(layer)
+    if its variables take the fallback; ``options`` as :func:`blocks_for_layer`."""
+    blocks = blocks_for_layer(layer, **options)
     return blocks[0] if blocks else None
 
 
-def blocks_for_layer(layer):
-    """Every block of ``layer`` (empty if its variables take the fallback)."""
+def blocks_for_layer(
+    layer, model=None, weight_sharing="auto", max_factor_dim=DEFAULT_MAX_FACTOR_DIM, **_curvature_options
+):
+    """Every block of ``layer`` (empty if its variables take the fallback).
+
+    ``weight_sharing`` and ``max_factor_dim`` are curvature options
+    (``KFAC(curvature_options=...)``; the others are ignored here), each a
+    value or a dict ``{layer_name: value}`` with an optional ``"default"``.
+
+    * ``weight_sharing``: ``"expand"``, ``"reduce"`` or ``"auto"`` (K-FAC-
+      expand / -reduce, Eschenhagen et al. 2023). ``"auto"`` picks reduce when
+      the layer has location axes (a sequence, an image) and every output of
+      ``model`` has fewer (``rank - 2``: batch and feature axes aside), i.e.
+      the locations are pooled before the loss; expand otherwise (a per-token
+      loss, or the model's outputs or the layer's input rank are unknown,
+      e.g. a subclassed model). Conv2D stays expand under ``"auto"`` (KFC).
+    * ``max_factor_dim``: a factor larger than this is kept as its diagonal
+      (size guard). A diagonal ``A`` with a dense ``G`` keeps the output
+      correlations that K-FAC's update relies on most while its memory is
+      ``O(a_dim + g_dim^2)``; the alternatives are worse: the fallback (no
+      curvature at all), an all-diagonal Fisher (drops the output
+      correlations too), or a low-rank ``A`` (needs an eigendecomposition of
+      the same huge matrix, or randomized sketches with their own error). For
+      such layers (VGG16's 25088-input Dense: ``A`` alone would be 2.5 GB)
+      the inputs are post-ReLU/pooled features whose cross-correlations
+      matter less than the output side's. ``G`` gets the same treatment when
+      ``g_dim`` exceeds the limit (e.g. a language model's vocabulary head).
+    """
     for cls in _BLOCK_TYPES:
         if type(layer) in cls.layer_types and cls.unsupported_reason(layer) is None:
-            return cls.blocks_for(layer)
+            blocks = cls.blocks_for(layer)
+            for block in blocks:
+                _configure(block, layer, model, weight_sharing, max_factor_dim)
+            return blocks
     return []
+
+
+def _configure(block, layer, model, weight_sharing, max_factor_dim):
+    """Apply the size guard and the weight-sharing mode to a Kronecker block."""
+    if not block.kronecker:
+        return
+    limit = int(_per_layer(max_factor_dim, layer, "max_factor_dim"))
+    if limit < 1:
+        raise ValueError(f"max_factor_dim must be a positive integer; got {max_factor_dim!r}.")
+    if block.a_dim > limit:
+        block.a_is_diagonal = True
+    if block.g_dim > limit:
+        block.g_is_diagonal = True
+    if block.a_is_diagonal or block.g_is_diagonal:
+        # The one method with diagonal factors (see curvature.kfac).
+        block.fixed_curvature = "kfac"
+    block.weight_sharing = _resolve_weight_sharing(
+        block, model, _per_layer(weight_sharing, layer, "weight_sharing")
+    )
+
+
+def _per_layer(option, layer, name):
+    if isinstance(option, dict):
+        unknown = [k for k in option if k != "default" and not isinstance(k, str)]
+        if unknown:
+            raise ValueError(f"{name} keys must be layer names or 'default'; got {unknown!r}.")
+        if layer.name in option:
+            return option[layer.name]
+        if "default" not in option:
+            raise ValueError(
+                f"{name}={option!r} has no entry for layer {layer.name!r}: add it or a 'default'."
+            )
+        return option["default"]
+    return option
+
+
+def _resolve_weight_sharing(block, model, mode):
+    if mode not in WEIGHT_SHARING_MODES:
+        raise ValueError(
+            f"Unknown weight_sharing={mode!r} for layer {block.name!r}: use one of {WEIGHT_SHARING_MODES}."
+        )
+    if mode != "auto":
+        return mode
+    if not block.auto_weight_sharing:
+        return "expand"
+    layer_axes = block.location_axes()
+    outputs = getattr(model, "outputs", None) if model is not None else None
+    if not layer_axes or not outputs:
+        return "expand"
+    output_axes = [len(o.shape) - 2 for o in outputs]
+    return "reduce" if all(k < layer_axes for k in output_axes) else "expand"
+
+
+def _is_sparse(v):
+    return isinstance(v, tf.IndexedSlices)
+
+
+def matrix_inner(v, p):
+    """``<V, P>`` (Frobenius) of a block's gradient matrix and its
+    preconditioned image; row-sparse ``tf.IndexedSlices`` pairs (embeddings)
+    share their unique row indices (see ``EmbeddingBlock.to_matrix``)."""
+    if _is_sparse(v) and _is_sparse(p):
+        return tf.reduce_sum(v.values * p.values)
+    return tf.reduce_sum(tf.convert_to_tensor(v) * tf.convert_to_tensor(p))
+
+
+def scale_matrix(scale, v):
+    """``scale * V``, keeping a row-sparse ``V`` sparse."""
+    if _is_sparse(v):
+        return tf.IndexedSlices(scale * v.values, v.indices, v.dense_shape)
+    return scale * v

@@ -15,6 +15,8 @@ from keras_kfac.layers.base import LayerBlock, register_block
 @register_block
 class Conv2DBlock(LayerBlock):
     layer_types = (keras.layers.Conv2D,)
+    # KFC (expand) unless reduce is asked for by name.
+    auto_weight_sharing = False
 
     @staticmethod
     def unsupported_reason(layer):

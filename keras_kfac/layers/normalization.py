@@ -48,6 +48,7 @@ class ScaleAndShiftBlock(LayerBlock):
     the attribute names of the layer's scale and shift variables."""
 
     fixed_curvature = "scale_and_shift"
+    kronecker = False
     scale_attribute = "gamma"
     shift_attribute = "beta"
 

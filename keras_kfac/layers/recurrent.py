@@ -129,6 +129,10 @@ class RNNKernelBlock(LayerBlock):
     the layer; they read the same recorded tensors:
     ``[x_t, h_{t-1}, mask_t]`` (zeroed at masked steps) and ``dl/dp_t``."""
 
+    # Time steps are locations of a recurrence, not pooled weight sharing:
+    # expand (the per-example gradient sums a_t g_t^T over t exactly).
+    auto_weight_sharing = False
+
     layer_types = _RECURRENT_TYPES
     #: The recorded ``dl/dp`` columns this block's ``g`` is.
     g_offset = 0
