@@ -9,7 +9,9 @@ long_description = open(readme, encoding="utf-8").read() if os.path.exists(readm
 setup(
     name="keras_kfac",
     version="0.1.0",
-    description="K-FAC (Kronecker-factored approximate curvature) optimizer for Keras 3 / TensorFlow",
+    description=(
+        "K-FAC (Kronecker-factored approximate curvature) optimizer for Keras 3 / TensorFlow"
+    ),
     long_description=long_description,
     long_description_content_type="text/markdown",
     packages=find_packages(
@@ -25,7 +27,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis"],
+        "test": ["pytest", "hypothesis", "ruff"],
         "bench": ["matplotlib"],
     },
 )

@@ -64,9 +64,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--full", action="store_true", help="the paper's 784-1000-500-250-30 autoencoder")
+    parser.add_argument(
+        "--full", action="store_true", help="the paper's 784-1000-500-250-30 autoencoder"
+    )
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "curvature_train"))
+    parser.add_argument(
+        "--out", default=os.path.join(ROOT, "benchmarks", "results", "curvature_train")
+    )
     args = parser.parse_args(argv)
 
     x, _ = datasets.load_numpy("mnist", "train")
@@ -86,7 +90,9 @@ def main(argv=None):
         model.compile(optimizer=opt, loss=keras.losses.BinaryCrossentropy(from_logits=True))
         timer = Timer()
         t0 = time.time()
-        model.fit(x, x, batch_size=args.batch, epochs=1, shuffle=False, verbose=0, callbacks=[timer])
+        model.fit(
+            x, x, batch_size=args.batch, epochs=1, shuffle=False, verbose=0, callbacks=[timer]
+        )
         curv = sorted({c.name for c in opt.estimator.curvatures})
         row = dict(
             method=method,
@@ -105,7 +111,8 @@ def main(argv=None):
     for r in rows:
         r["vs_kfac"] = None if base is None else r["median_ms"] / base
     desc = (
-        f"{'paper' if args.full else 'quarter-width, 14x14'} MNIST autoencoder, batch {args.batch}, "
+        f"{'paper' if args.full else 'quarter-width, 14x14'} MNIST autoencoder, "
+        f"batch {args.batch}, "
         f"{args.steps} steps, KFAC(curvature=method) defaults; loss = BCE summed over pixels"
     )
     with open(args.out + ".json", "w") as f:

@@ -35,7 +35,9 @@ def build(strategy, width, layers, x, y, batch):
             + [keras.layers.Dense(10)]
         )
         opt = keras_kfac.KFAC(inverse_every=10**6)
-        model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.compile(
+            optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        )
     model.fit(x[:batch], y[:batch], batch_size=batch, epochs=1, verbose=0)
     return model, opt
 

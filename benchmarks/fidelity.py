@@ -82,9 +82,13 @@ def main(argv=None):
         xb, yb = x[idx], y_all[idx]
         for stage in ("init", "trained"):
             if stage == "trained":
-                model.fit(x, y_all, batch_size=128, epochs=1, steps_per_epoch=args.train_steps, verbose=0)
+                model.fit(
+                    x, y_all, batch_size=128, epochs=1, steps_per_epoch=args.train_steps, verbose=0
+                )
             for fisher in ("empirical", "sampled"):
-                labels = yb if fisher == "empirical" else fd.sample_labels(model, xb, seed=args.seed)
+                labels = (
+                    yb if fisher == "empirical" else fd.sample_labels(model, xb, seed=args.seed)
+                )
                 t0 = time.time()
                 errors = fd.fidelity(model, xb, labels, loss, methods=METHODS)
                 for layer, per_method in errors.items():
@@ -103,14 +107,21 @@ def write(rows, args):
         "kpsvd <= kfac": sum(r["kpsvd"] <= r["kfac"] + 1e-6 for r in rows),
         "deflation <= kpsvd": sum(r["deflation"] <= r["kpsvd"] + 1e-6 for r in rows),
         "kfac_corrected <= kfac": sum(r["kfac_corrected"] <= r["kfac"] + 1e-6 for r in rows),
-        "|lanczos - deflation| < 1e-3": sum(abs(r["lanczos"] - r["deflation"]) < 1e-3 for r in rows),
+        "|lanczos - deflation| < 1e-3": sum(
+            abs(r["lanczos"] - r["deflation"]) < 1e-3 for r in rows
+        ),
     }
     means = {m: float(np.mean([r[m] for r in rows])) for m in METHODS}
     result = dict(
         description="relative Frobenius error ||F - F_hat||_F / ||F||_F per layer block, "
         f"one batch of {args.n} MNIST examples (MLP on 7x7, convnet on 14x14); "
         "'trained' = after Adam training; 'sampled' = one label per example drawn from the model",
-        n=args.n, train_steps=args.train_steps, rows=rows, checks=checks, total=len(rows), mean=means,
+        n=args.n,
+        train_steps=args.train_steps,
+        rows=rows,
+        checks=checks,
+        total=len(rows),
+        mean=means,
     )
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=2)

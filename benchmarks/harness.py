@@ -71,9 +71,13 @@ class BudgetLogger(keras.callbacks.Callback):
         return {
             "steps": self.step,
             "seconds": self.elapsed,
-            "median_step_ms": 1000 * statistics.median(self.step_times) if self.step_times else float("nan"),
+            "median_step_ms": (
+                1000 * statistics.median(self.step_times) if self.step_times else float("nan")
+            ),
             # Amortized over statistics/refresh steps (the median hides them).
-            "mean_step_ms": 1000 * statistics.mean(self.step_times) if self.step_times else float("nan"),
+            "mean_step_ms": (
+                1000 * statistics.mean(self.step_times) if self.step_times else float("nan")
+            ),
             "first_step_s": getattr(self, "first_step_seconds", float("nan")),
             "final": self.rows[-1],
         }
@@ -91,7 +95,9 @@ def machine():
     return f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, no GPU"
 
 
-def write_results(name, payload, runs, x_key="seconds", y_key="train_loss", y_label=None, log_y=False):
+def write_results(
+    name, payload, runs, x_key="seconds", y_key="train_loss", y_label=None, log_y=False
+):
     """``results/<name>.json``, ``<name>.csv`` (all logged rows) and
     ``<name>_time.png`` / ``<name>_steps.png`` (one line per run)."""
     os.makedirs(RESULTS, exist_ok=True)

@@ -24,11 +24,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from harness import RESULTS, BudgetLogger, machine, time_to_reach, write_results  # noqa: E402
+from mnist_autoencoder import PIXELS, make_loss  # noqa: E402
 
 import keras_kfac  # noqa: E402
-from harness import BudgetLogger, RESULTS, machine, time_to_reach, write_results  # noqa: E402
 from keras_kfac import datasets  # noqa: E402
-from mnist_autoencoder import PIXELS, make_loss  # noqa: E402
 
 # The methods whose cost is dominated by dense work on the full block for
 # 1000-wide layers; they run in the overhead suite and on small models.
@@ -100,7 +100,9 @@ def select(runs, patterns):
 # --- training -----------------------------------------------------------------
 
 
-def train(build, make_optimizer, callbacks, x, y, batch, budget, eval_every, evaluate, max_steps=None):
+def train(
+    build, make_optimizer, callbacks, x, y, batch, budget, eval_every, evaluate, max_steps=None
+):
     model = build()
     model.compile(optimizer=make_optimizer(), **build.compile_kwargs)
     logger = BudgetLogger(budget, eval_every, lambda: evaluate(model), max_steps)
@@ -114,11 +116,23 @@ def run_suite(name, runs, build, data, args, evaluate, key, higher_is_better=Fal
     x, y = data
     results = {}
     for label, (make_optimizer, callbacks) in runs.items():
-        logger = train(build, make_optimizer, callbacks, x, y, args.batch, args.budget, args.eval_every, evaluate, args.max_steps)
+        logger = train(
+            build,
+            make_optimizer,
+            callbacks,
+            x,
+            y,
+            args.batch,
+            args.budget,
+            args.eval_every,
+            evaluate,
+            args.max_steps,
+        )
         results[label] = dict(logger.summary(), rows=logger.rows)
         final = results[label]["final"]
         print(
-            f"{label:<34} steps={logger.step:5d}  median={results[label]['median_step_ms']:7.1f} ms/step  "
+            f"{label:<34} steps={logger.step:5d}  "
+            f"median={results[label]['median_step_ms']:7.1f} ms/step  "
             + "  ".join(f"{k}={v:.4g}" for k, v in final.items() if k not in ("step", "seconds")),
             flush=True,
         )
@@ -137,7 +151,9 @@ def report_time_to_target(results, key, target_label, higher_is_better=False):
         target = results[best]["final"][key]
     table = []
     for label, run in results.items():
-        rows = run["rows"] if not higher_is_better else [dict(r, **{key: -r[key]}) for r in run["rows"]]
+        rows = run["rows"] if not higher_is_better else [
+            dict(r, **{key: -r[key]}) for r in run["rows"]
+        ]
         seconds, steps = (None, None) if best is None else time_to_reach(rows, key, sign * target)
         table.append(
             {
@@ -148,7 +164,9 @@ def report_time_to_target(results, key, target_label, higher_is_better=False):
                 "mean_step_ms": run["mean_step_ms"],
                 "seconds_to_target": seconds,
                 "steps_to_target": steps,
-                "time_ratio_to_best_baseline": None if seconds is None else seconds / results[best]["seconds"],
+                "time_ratio_to_best_baseline": (
+                    None if seconds is None else seconds / results[best]["seconds"]
+                ),
             }
         )
     return best, target, table
@@ -173,7 +191,8 @@ def markdown(title, command, best, target, key, table, adam_ms):
     for row in table:
         t = "-" if row["seconds_to_target"] is None else f"{row['seconds_to_target']:.0f}"
         s = "-" if row["steps_to_target"] is None else str(row["steps_to_target"])
-        r = "-" if row["time_ratio_to_best_baseline"] is None else f"{row['time_ratio_to_best_baseline']:.2f}"
+        ratio = row["time_ratio_to_best_baseline"]
+        r = "-" if ratio is None else f"{ratio:.2f}"
         x_adam = "-" if adam_ms is None else f"{row['mean_step_ms'] / adam_ms:.2f}"
         lines.append(
             f"| {row['run']} | {row['final']:.4g} | {row['steps']} | {row['median_step_ms']:.0f} | "
@@ -203,10 +222,16 @@ def suite_autoencoder(args):
     def evaluate(model):
         return {
             "train_loss": PIXELS * model.evaluate(probe, probe, batch_size=2000, verbose=0),
-            "test_loss": PIXELS * model.evaluate(probe_test, probe_test, batch_size=2000, verbose=0),
+            "test_loss": PIXELS * model.evaluate(
+                probe_test, probe_test, batch_size=2000, verbose=0
+            ),
         }
 
-    tuned = {"kfac adaptive (peer-like)": dict(adaptive_step=True, inverse_every=5, damping=args.adaptive_damping)}
+    tuned = {
+        "kfac adaptive (peer-like)": dict(
+            adaptive_step=True, inverse_every=5, damping=args.adaptive_damping
+        )
+    }
     tuned.update(args.kfac)
     runs = dict(kfac_runs(args.methods, tuned))
     runs["kfac adaptive (peer-like)"] = (
@@ -216,12 +241,35 @@ def suite_autoencoder(args):
     runs.update(first_order_runs([1e-4, 3e-4, 1e-3, 3e-3], [0.3, 1.0, 3.0]))
     runs = select(runs, args.optimizers)
     results = run_suite("autoencoder", runs, build, (x, x), args, evaluate, "train_loss")
-    name = f"autoencoder_{activation}_batch{args.batch}" + args.tag + ("_quick" if args.quick else "")
+    name = f"autoencoder_{activation}_batch{args.batch}" + args.tag + (
+        "_quick" if args.quick else ""
+    )
     best, target, table = report_time_to_target(results, "train_loss", "adam")
     adam_ms = adam_step_ms(results)
     command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
-    md = markdown(f"MNIST autoencoder ({activation}, batch {args.batch}, {args.budget:g} s each)", command, best, target, "train_loss (summed BCE/image)", table, adam_ms)
-    write_results(name, {"suite": "autoencoder", "activation": activation, "batch": args.batch, "budget": args.budget, "target": target, "table": table}, results, y_label="train loss (summed BCE per image)", log_y=True)
+    md = markdown(
+        f"MNIST autoencoder ({activation}, batch {args.batch}, {args.budget:g} s each)",
+        command,
+        best,
+        target,
+        "train_loss (summed BCE/image)",
+        table,
+        adam_ms,
+    )
+    write_results(
+        name,
+        {
+            "suite": "autoencoder",
+            "activation": activation,
+            "batch": args.batch,
+            "budget": args.budget,
+            "target": target,
+            "table": table,
+        },
+        results,
+        y_label="train loss (summed BCE per image)",
+        log_y=True,
+    )
     with open(os.path.join(RESULTS, name + ".md"), "w") as f:
         f.write(md)
     print(md)
@@ -253,11 +301,33 @@ def suite_convnet(args):
     runs = select(runs, args.optimizers)
     results = run_suite("convnet", runs, build, (x, y), args, evaluate, "test_accuracy")
     name = f"convnet_batch{args.batch}" + args.tag + ("_quick" if args.quick else "")
-    best, target, table = report_time_to_target(results, "test_accuracy", "adam", higher_is_better=True)
+    best, target, table = report_time_to_target(
+        results, "test_accuracy", "adam", higher_is_better=True
+    )
     adam_ms = adam_step_ms(results)
     command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
-    md = markdown(f"Fashion-MNIST convnet (batch {args.batch}, {args.budget:g} s each)", command, best, target, "test_accuracy", table, adam_ms)
-    write_results(name, {"suite": "convnet", "batch": args.batch, "budget": args.budget, "target": target, "table": table}, results, y_key="test_accuracy", y_label="test accuracy")
+    md = markdown(
+        f"Fashion-MNIST convnet (batch {args.batch}, {args.budget:g} s each)",
+        command,
+        best,
+        target,
+        "test_accuracy",
+        table,
+        adam_ms,
+    )
+    write_results(
+        name,
+        {
+            "suite": "convnet",
+            "batch": args.batch,
+            "budget": args.budget,
+            "target": target,
+            "table": table,
+        },
+        results,
+        y_key="test_accuracy",
+        y_label="test accuracy",
+    )
     with open(os.path.join(RESULTS, name + ".md"), "w") as f:
         f.write(md)
     print(md)
@@ -281,7 +351,9 @@ def suite_overhead(args):
             configs.append(
                 (
                     f"kfac stats_every={stats_every} inverse_every={inverse_every}",
-                    lambda s=stats_every, i=inverse_every: keras_kfac.KFAC(stats_every=s, inverse_every=i),
+                    lambda s=stats_every, i=inverse_every: keras_kfac.KFAC(
+                        stats_every=s, inverse_every=i
+                    ),
                 )
             )
     for method in args.methods:
@@ -294,7 +366,9 @@ def suite_overhead(args):
         opt = make()
         model.compile(optimizer=opt, loss=make_loss())
         logger = BudgetLogger(1e9, 1e9, lambda: {}, max_steps=steps + 1)
-        model.fit(x, x, batch_size=args.batch, epochs=1, shuffle=False, verbose=0, callbacks=[logger])
+        model.fit(
+            x, x, batch_size=args.batch, epochs=1, shuffle=False, verbose=0, callbacks=[logger]
+        )
         state, weights = optimizer_state_floats(opt, model)
         summary = logger.summary()
         rows.append(
@@ -306,15 +380,21 @@ def suite_overhead(args):
                 "weights": weights,
             }
         )
-        print(f"{label:<44} {summary['mean_step_ms']:8.1f} ms/step amortized  state/weights={state / weights:6.2f}", flush=True)
+        print(
+            f"{label:<44} {summary['mean_step_ms']:8.1f} ms/step amortized  "
+            f"state/weights={state / weights:6.2f}",
+            flush=True,
+        )
     adam = rows[0]["mean_step_ms"]
     name = f"overhead_autoencoder_batch{args.batch}" + args.tag + ("_quick" if args.quick else "")
     lines = [
         f"### Step overhead, MNIST autoencoder, batch {args.batch}",
         "",
-        f"`python benchmarks/run.py {' '.join(sys.argv[1:])}` on {machine()}; {steps} steps after the compiled one (amortized = mean, including statistics and refresh steps).",
+        f"`python benchmarks/run.py {' '.join(sys.argv[1:])}` on {machine()}; {steps} steps "
+        "after the compiled one (amortized = mean, including statistics and refresh steps).",
         "",
-        "| optimizer | ms/step median | ms/step amortized | x Adam (amortized) | optimizer state / model size |",
+        "| optimizer | ms/step median | ms/step amortized | x Adam (amortized) "
+        "| optimizer state / model size |",
         "|---|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -338,20 +418,38 @@ SUITES = {"autoencoder": suite_autoencoder, "convnet": suite_convnet, "overhead"
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("suite", choices=sorted(SUITES))
-    parser.add_argument("--batch", type=int, default=None, help="default: 1000 (autoencoder, overhead), 128 (convnet)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="default: 1000 (autoencoder, overhead), 128 (convnet)",
+    )
     parser.add_argument("--budget", type=float, default=60.0, help="training seconds per optimizer")
-    parser.add_argument("--eval-every", type=float, default=None, help="seconds of training between evaluations")
+    parser.add_argument(
+        "--eval-every", type=float, default=None, help="seconds of training between evaluations"
+    )
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--steps", type=int, default=30, help="overhead suite: timed steps")
     parser.add_argument("--relu", action="store_true", help="autoencoder: ReLU hidden units")
-    parser.add_argument("--methods", nargs="*", default=["kfac"], help=f"curvature methods to add; 'all' = {ALL_METHODS}")
-    parser.add_argument("--optimizers", nargs="*", default=None, help="only runs whose label contains one of these")
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        default=["kfac"],
+        help=f"curvature methods to add; 'all' = {ALL_METHODS}",
+    )
+    parser.add_argument(
+        "--optimizers", nargs="*", default=None, help="only runs whose label contains one of these"
+    )
     parser.add_argument(
         "--kfac", action="append", default=[], metavar="JSON",
         help='extra KFAC run, e.g. --kfac \'{"learning_rate": 0.3, "damping": 0.01}\' (repeatable)',
     )
-    parser.add_argument("--adaptive-damping", type=float, default=0.1, help="initial damping of the adaptive run")
-    parser.add_argument("--tag", default="", help="suffix of the result files' names, e.g. _methods")
+    parser.add_argument(
+        "--adaptive-damping", type=float, default=0.1, help="initial damping of the adaptive run"
+    )
+    parser.add_argument(
+        "--tag", default="", help="suffix of the result files' names, e.g. _methods"
+    )
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--quick", action="store_true", help="smoke mode: tiny data, 2 s budgets")
     args = parser.parse_args(argv)

@@ -36,6 +36,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     import keras_kfac  # noqa: F401
 
 import keras
+
 from keras_kfac import datasets
 
 PIXELS = 784

@@ -19,7 +19,8 @@ and a few numbers read back from the event files.
 Usage::
 
     python examples/tensorboard_monitoring.py                  # ~2 epochs on 20k images
-    python examples/tensorboard_monitoring.py --adaptive-step  # alpha/mu from the quadratic model (sec. 7)
+    # alpha/mu from the quadratic model (sec. 7):
+    python examples/tensorboard_monitoring.py --adaptive-step
     python examples/tensorboard_monitoring.py --quick          # smoke test
     tensorboard --logdir logs/tensorboard_monitoring
 
@@ -96,7 +97,9 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=None, help="TFDS data_dir (see keras_kfac.datasets)")
     p.add_argument("--log-dir", default=os.path.join("logs", "tensorboard_monitoring"))
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--train-size", type=int, default=20000, help="training images used (0: all 60000)")
+    p.add_argument(
+        "--train-size", type=int, default=20000, help="training images used (0: all 60000)"
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--update-freq", type=int, default=10, help="steps between curvature summaries")
     p.add_argument("--adaptive-step", action="store_true", help="KFAC(adaptive_step=True)")
@@ -147,7 +150,9 @@ def main(argv=None):
     tags += ["kfac/alpha", "kfac/mu"] if args.adaptive_step else ["kfac/kl_clip_scale"]
     tags += ["kfac/grad_norm", "kfac/update_norm", "kfac/grad_cosine", "kfac/skipped_steps"]
     for layer in ("conv1", "conv2", "dense", "logits"):
-        tags += [f"kfac_layers/{layer}/{q}" for q in ("A_condition_number", "G_condition_number", "pi")]
+        tags += [
+            f"kfac_layers/{layer}/{q}" for q in ("A_condition_number", "G_condition_number", "pi")
+        ]
     tags += ["kfac_layers/conv1/fidelity_relative_error"]
     print("\nCurvature curves written (first / median / last):")
     print(describe(scalars, tags))

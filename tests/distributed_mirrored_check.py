@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras_kfac  # noqa: E402
+from reference import rel  # noqa: E402
 
 GLOBAL_BATCH = 16
 
@@ -104,10 +105,6 @@ def copies(variable):
     return [np.asarray(value.numpy(), dtype=np.float64)]
 
 
-def relative(a, b):
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
-
-
 _STRATEGY = []
 
 
@@ -129,13 +126,13 @@ def compare(method, fisher, damping_mode, steps):
         if d.dtype != "float32" or not d.path.startswith(dist.optimizer.name):
             continue
         reference = copies(s)[0]
-        state_errors.append([relative(c, reference) for c in copies(d)])
+        state_errors.append([rel(c, reference) for c in copies(d)])
         state_names.append(d.path)
     weight_errors = []
     for d, s in zip(dist.trainable_variables, single.trainable_variables):
         reference = copies(s)[0]
-        weight_errors.append([relative(c, reference) for c in copies(d)])
-    moved = relative(
+        weight_errors.append([rel(c, reference) for c in copies(d)])
+    moved = rel(
         np.concatenate([copies(s)[0].ravel() for s in single.trainable_variables]),
         np.concatenate([w.ravel() for w in initial_weights()]),
     )

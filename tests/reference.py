@@ -53,28 +53,65 @@ def symmetric_top_pairs(f, da, dg, k):
     return sum(s[i] * np.outer(u[:, i], vt[i]) for i in range(k))
 
 
+def reference_patches(x, kh, kw, strides, dilation, padding):
+    """Explicit-loop patch extraction in the kernel's (kh, kw, c_in) order."""
+    n, H, W, C = x.shape
+    sh, sw = strides
+    dh, dw = dilation
+    eh, ew = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    if padding == "same":
+        oh, ow = -(-H // sh), -(-W // sw)
+        ph = max((oh - 1) * sh + eh - H, 0)
+        pw = max((ow - 1) * sw + ew - W, 0)
+        x = np.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+    else:
+        oh, ow = (H - eh) // sh + 1, (W - ew) // sw + 1
+    out = np.zeros((n, oh * ow, kh * kw * C), dtype=np.float64)
+    for i in range(oh):
+        for j in range(ow):
+            patch = x[:, i * sh : i * sh + eh : dh, j * sw : j * sw + ew : dw, :]
+            out[:, i * ow + j] = patch.reshape(n, -1)
+    return out
+
+
 def dense_solve(matrix, v, damping=0.0):
     """``(matrix + damping I)^-1 v`` in float64."""
     m = np.asarray(matrix, np.float64)
     return np.linalg.solve(m + damping * np.eye(m.shape[0]), np.asarray(v, np.float64))
 
 
+def pi_correction(a, g):
+    """Martens & Grosse's ``pi = sqrt((tr A / dim A) / (tr G / dim G))``."""
+    return np.sqrt((np.trace(a) / a.shape[0]) / (np.trace(g) / g.shape[0]))
+
+
 def factored_damped(a, g, damping):
     """K-FAC factored damping, ``kron(A + pi gamma I, G + gamma/pi I)``."""
     gamma = np.sqrt(damping)
-    pi = np.sqrt((np.trace(a) / a.shape[0]) / (np.trace(g) / g.shape[0]))
+    pi = pi_correction(a, g)
     return np.kron(a + pi * gamma * np.eye(len(a)), g + gamma / pi * np.eye(len(g)))
 
 
+def damped_reference(a, g, damping, mode):
+    """The damped Kronecker block of ``damping_mode`` ``"eigen"`` or ``"factored"``."""
+    if mode == "eigen":
+        return np.kron(a, g) + damping * np.eye(len(a) * len(g))
+    return factored_damped(a, g, damping)
+
+
 def flat_params(layer):
+    """``vec_row([W; b])``: the layer's parameters in the blocks' order, float64."""
     parts = [layer.kernel.numpy().ravel()]
     if layer.bias is not None:
         parts.append(layer.bias.numpy().ravel())
-    return np.concatenate(parts)
+    return np.concatenate(parts).astype(np.float64)
 
 
 def rel(x, y):
-    return float(np.linalg.norm(np.asarray(x) - np.asarray(y)) / np.linalg.norm(np.asarray(y)))
+    """``||x - y|| / ||y||``; below ``||y|| = 1e-12`` (e.g. state that is
+    still zero), the absolute error over 1e-12."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-12))
 
 
 def tf_float(x):

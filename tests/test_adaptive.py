@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 
 import keras_kfac  # noqa: E402
 from keras_kfac.callbacks import AdaptiveDamping  # noqa: E402
+from reference import flat_params  # noqa: E402
 
 
 def _regression(n=64, d_in=3, d_out=2, seed=0):
@@ -19,12 +20,6 @@ def _regression(n=64, d_in=3, d_out=2, seed=0):
     w = rng.normal(size=(d_in, d_out)).astype("float32")
     y = (x @ w + 0.3 * rng.normal(size=(n, d_out))).astype("float32")
     return x, y
-
-
-def _params(layer):
-    """``vec_row([W; b])`` (the conventions' parameter order)."""
-    kernel, bias = (np.asarray(v, np.float64) for v in layer.get_weights())
-    return np.concatenate([kernel, bias[None]], axis=0).reshape(-1)
 
 
 def _mse_grad_and_fisher(layer, x, y):
@@ -61,8 +56,8 @@ def test_adaptive_step_matches_closed_form_on_linear_regression():
     model.compile(optimizer=opt, loss="mse")
     layer = model.layers[0]
     previous = None
-    for step in range(3):
-        theta = _params(layer)
+    for _ in range(3):
+        theta = flat_params(layer)
         grad, fisher = _mse_grad_and_fisher(layer, x, y)
         _step(model, x, y)
         c = np.asarray(opt.curvature_matrix(layer), np.float64)
@@ -81,8 +76,10 @@ def test_adaptive_step_matches_closed_form_on_linear_regression():
             expected_alpha, expected_mu = -np.linalg.solve(q, b)
         np.testing.assert_allclose(alpha, expected_alpha, rtol=2e-3)
         np.testing.assert_allclose(mu, expected_mu, rtol=2e-3, atol=1e-5)
-        update = _params(layer) - theta
-        expected_update = expected_alpha * natural + (0.0 if previous is None else expected_mu * previous)
+        update = flat_params(layer) - theta
+        expected_update = expected_alpha * natural + (
+            0.0 if previous is None else expected_mu * previous
+        )
         np.testing.assert_allclose(update, expected_update, rtol=5e-3, atol=1e-5)
         previous = update
     assert abs(float(opt.diagnostics()["mu"])) > 1e-4  # the 2-D problem was used
@@ -122,11 +119,11 @@ def test_rho_is_one_on_a_quadratic_and_damping_falls():
     traces = []
     begin = opt.monitor.begin
     opt.monitor.begin = lambda *a: (traces.append(1), begin(*a))[1]  # runs only when tracing
-    theta = _params(layer)
+    theta = flat_params(layer)
     grad, fisher = _mse_grad_and_fisher(layer, x, y)
     loss0 = float(model.evaluate(x, y, batch_size=len(x), verbose=0))
     model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0, callbacks=[callback])
-    delta = _params(layer) - theta
+    delta = flat_params(layer) - theta
     loss1 = float(model.evaluate(x, y, batch_size=len(x), verbose=0))
     predicted = 0.5 * delta @ (fisher + 1e-2 * np.eye(len(delta))) @ delta + grad @ delta
     expected_rho = (loss1 - loss0) / predicted
@@ -155,7 +152,9 @@ def test_rho_is_low_on_a_saturated_logistic_unit_and_damping_rises():
     model = keras.Sequential(
         [
             keras.Input((1,)),
-            keras.layers.Dense(1, use_bias=False, kernel_initializer=keras.initializers.Constant(5.0)),
+            keras.layers.Dense(
+                1, use_bias=False, kernel_initializer=keras.initializers.Constant(5.0)
+            ),
         ]
     )
     damping = 1e-4

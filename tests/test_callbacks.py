@@ -13,6 +13,7 @@ import tensorflow as tf  # noqa: E402
 
 import keras_kfac  # noqa: E402
 from keras_kfac.callbacks import CurvatureMonitor, DampingScheduler  # noqa: E402
+from reference import pi_correction, rel  # noqa: E402
 
 
 def read_events(directory):
@@ -66,10 +67,12 @@ def test_curvature_monitor_writes_the_curvature_story(tmp_path):
     events = read_events(os.path.join(log_dir, "train"))
     # Keras's own curves and ours, side by side in the same run directory.
     assert any(tag.startswith("batch_") or tag.startswith("epoch_") for tag in events)
-    expected = {f"kfac/{n}" for n in ("damping", "rho", "kl_clip_scale", "update_norm", "grad_norm", "grad_cosine", "skipped_steps")}
+    names = ("damping", "rho", "kl_clip_scale", "update_norm", "grad_norm", "grad_cosine")
+    expected = {f"kfac/{n}" for n in names + ("skipped_steps",)}
     for layer in ("conv", "logits"):
         for f in ("A", "G"):
-            expected |= {f"kfac_layers/{layer}/{f}_{q}" for q in ("trace", "min_eigenvalue", "max_eigenvalue", "condition_number")}
+            quantities = ("trace", "min_eigenvalue", "max_eigenvalue", "condition_number")
+            expected |= {f"kfac_layers/{layer}/{f}_{q}" for q in quantities}
             expected.add(f"kfac_spectra/{layer}/{f}")
         expected |= {f"kfac_layers/{layer}/pi", f"kfac_layers/{layer}/preconditioned_grad_norm"}
     assert expected <= set(events), expected - set(events)
@@ -80,17 +83,25 @@ def test_curvature_monitor_writes_the_curvature_story(tmp_path):
     # The last logged step is the last step: compare with the final factors.
     damping = float(opt.damping)
     for layer in ("conv", "logits"):
-        factors = {k: np.asarray(v, np.float64) for k, v in opt.curvature_for(layer).factors().items()}
+        factors = {
+            k: np.asarray(v, np.float64) for k, v in opt.curvature_for(layer).factors().items()
+        }
         a, g = factors["A"], factors["G"]
-        pi = np.sqrt((np.trace(a) / len(a)) / (np.trace(g) / len(g)))
+        pi = pi_correction(a, g)
         gamma = np.sqrt(damping)
         last = {tag: vals[-1][1] for tag, vals in events.items() if vals[-1][0] == 8}
         np.testing.assert_allclose(last[f"kfac_layers/{layer}/pi"], pi, rtol=1e-4)
         for name, m, share in (("A", a, pi * gamma), ("G", g, gamma / pi)):
             condition, evals = _damped_condition(m, share)
-            np.testing.assert_allclose(last[f"kfac_layers/{layer}/{name}_condition_number"], condition, rtol=1e-3)
-            np.testing.assert_allclose(last[f"kfac_layers/{layer}/{name}_trace"], np.trace(m), rtol=1e-4)
-            np.testing.assert_allclose(last[f"kfac_layers/{layer}/{name}_max_eigenvalue"], evals[-1], rtol=1e-3)
+            np.testing.assert_allclose(
+                last[f"kfac_layers/{layer}/{name}_condition_number"], condition, rtol=1e-3
+            )
+            np.testing.assert_allclose(
+                last[f"kfac_layers/{layer}/{name}_trace"], np.trace(m), rtol=1e-4
+            )
+            np.testing.assert_allclose(
+                last[f"kfac_layers/{layer}/{name}_max_eigenvalue"], evals[-1], rtol=1e-3
+            )
             histogram = last[f"kfac_spectra/{layer}/{name}"]  # (buckets, [left, right, count])
             np.testing.assert_allclose(histogram[:, 2].sum(), len(m))
     for _, value in events["kfac/grad_cosine"]:
@@ -117,7 +128,7 @@ def test_fidelity_against_the_exact_fisher_of_linear_regression(tmp_path):
     xb = np.concatenate([x, np.ones((32, 1), "float32")], axis=1).astype(np.float64)
     exact = (2.0 / 64) * np.kron(xb.T @ xb, np.eye(2))
     approx = np.asarray(opt.curvature_matrix("linear"), np.float64)
-    expected = np.linalg.norm(exact - approx) / np.linalg.norm(exact)
+    expected = rel(approx, exact)
     events = read_events(os.path.join(log_dir, "train"))
     step, logged = events["kfac_layers/linear/fidelity_relative_error"][-1]
     assert step == 3
@@ -149,8 +160,10 @@ def test_fidelity_of_a_convnet_matches_the_brute_force_block(tmp_path):
     exact = sum(j[i].T @ (np.diag(p[i]) - np.outer(p[i], p[i])) @ j[i] for i in range(16)) / 16
     model.set_weights(after)
     approx = np.asarray(opt.curvature_matrix("conv"), np.float64)
-    expected = np.linalg.norm(exact - approx) / np.linalg.norm(exact)
-    logged = read_events(os.path.join(str(tmp_path), "train"))["kfac_layers/conv/fidelity_relative_error"]
+    expected = rel(approx, exact)
+    logged = read_events(os.path.join(str(tmp_path), "train"))[
+        "kfac_layers/conv/fidelity_relative_error"
+    ]
     np.testing.assert_allclose(logged[-1][1], expected, rtol=2e-3)
 
 
@@ -180,7 +193,9 @@ def test_diagnostics_in_a_hand_written_loop():
     x = rng.normal(size=(16, 4)).astype("float32")
     y = rng.integers(0, 3, 16)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="dense")])
-    opt = keras_kfac.KFAC(model=model, fisher="empirical", momentum=0.0, kl_clip=None, learning_rate=0.1)
+    opt = keras_kfac.KFAC(
+        model=model, fisher="empirical", momentum=0.0, kl_clip=None, learning_rate=0.1
+    )
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     opt.build(model.trainable_variables)
     opt.track_diagnostics(every=1)
@@ -202,8 +217,12 @@ def test_diagnostics_in_a_hand_written_loop():
     np.testing.assert_allclose(d["grad_norm"], np.linalg.norm(g), rtol=1e-5)
     np.testing.assert_allclose(d["update_norm"], np.linalg.norm(update), rtol=1e-4)
     # update = -lr * P(g) (momentum 0, no clipping): cos(g, P g) = cos(g, -update)
-    np.testing.assert_allclose(d["grad_cosine"], -(g @ update) / (np.linalg.norm(g) * np.linalg.norm(update)), rtol=1e-4)
-    np.testing.assert_allclose(d["dense/preconditioned_grad_norm"], np.linalg.norm(update) / 0.1, rtol=1e-4)
+    np.testing.assert_allclose(
+        d["grad_cosine"], -(g @ update) / (np.linalg.norm(g) * np.linalg.norm(update)), rtol=1e-4
+    )
+    np.testing.assert_allclose(
+        d["dense/preconditioned_grad_norm"], np.linalg.norm(update) / 0.1, rtol=1e-4
+    )
     assert d["diagnostics_step"] == 1 and d["kl_clip_scale"] == 1.0
     assert np.isnan(d["rho"])  # rho needs model.compute_loss, not called in this loop
 
@@ -229,26 +248,29 @@ def test_monitor_and_adaptive_damping_with_jit_compile_and_steps_per_execution(t
     assert all(np.isfinite(v) for _, v in events["kfac/alpha"])
     assert all(np.isfinite(v) for _, v in events["kfac/rho"])
     assert np.isfinite(history.history["loss"]).all()
-    assert history.history["damping"][-1] != 1e-3  # adapted
+    # The LM rule on each logged rho (steps 2, 4, 6, 8), from the default 1e-2.
+    decay, expected = AdaptiveDamping().decay, 1e-2
+    for _, rho in events["kfac/rho"]:
+        expected *= decay if rho > 0.75 else 1.0 / decay if rho < 0.25 else 1.0
+    assert expected != 1e-2, [r for _, r in events["kfac/rho"]]  # the rule did act
+    np.testing.assert_allclose(history.history["damping"][-1], expected, rtol=1e-5)
+    np.testing.assert_allclose(float(opt.damping), expected, rtol=1e-5)
 
 
 @pytest.mark.slow
-def test_tensorboard_monitoring_example_quick(tmp_path_factory):
+def test_tensorboard_monitoring_example_quick(tmp_path_factory, raw_data, tfds_dir):
     """examples/tensorboard_monitoring.py --quick end to end: the curves are
     written and read back, and the tensorboard command is printed."""
     import subprocess
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    raw = os.path.join(repo, os.pardir, "shared", "datasets", "fashion-mnist")
-    if not os.path.isdir(raw):
-        pytest.skip(f"raw Fashion-MNIST files not found: {os.path.abspath(raw)} is absent")
-    data_dir = tmp_path_factory.getbasetemp() / "keras_kfac_tfds"
+    raw_data("fashion-mnist")
     log_dir = tmp_path_factory.mktemp("tb")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
     proc = subprocess.run(
         [sys.executable, os.path.join(repo, "examples", "tensorboard_monitoring.py"), "--quick",
-         "--verbose", "2", "--data-dir", str(data_dir), "--log-dir", str(log_dir)],
+         "--verbose", "2", "--data-dir", tfds_dir, "--log-dir", str(log_dir)],
         cwd=repo, env=env, capture_output=True, text=True, timeout=600,
     )
     out = proc.stdout + proc.stderr
@@ -274,7 +296,9 @@ def test_damping_adapts_only_every_steps_while_rho_is_logged_each_step(tmp_path)
     model.compile(opt, loss="mse")
     model.fit(
         x, y, batch_size=32, epochs=8, verbose=0,
-        callbacks=[CurvatureMonitor(str(tmp_path), update_freq=1), AdaptiveDamping(every=4, decay=0.5)],
+        callbacks=[
+            CurvatureMonitor(str(tmp_path), update_freq=1), AdaptiveDamping(every=4, decay=0.5)
+        ],
     )
     events = read_events(os.path.join(str(tmp_path), "train"))
     rho = dict(events["kfac/rho"])

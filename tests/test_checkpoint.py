@@ -10,15 +10,13 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-import pytest
 import keras
+import numpy as np
 import tensorflow as tf
 
+import checkpoint_resume_script
 import keras_kfac
 from keras_kfac import curvature as curvature_lib
-
-import checkpoint_resume_script
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,7 +38,11 @@ def every_method_model(damping_mode):
     layers = [keras.Input((5,))]
     for i, method in enumerate(methods):
         last = i == len(methods) - 1
-        layers.append(keras.layers.Dense(3 if last else 5, activation=None if last else "tanh", name=f"d_{method}"))
+        layers.append(
+            keras.layers.Dense(
+                3 if last else 5, activation=None if last else "tanh", name=f"d_{method}"
+            )
+        )
     model = keras.Sequential(layers)
     opt = keras_kfac.KFAC(
         curvature={f"d_{m}": m for m in methods},
@@ -96,7 +98,9 @@ def custom_loop_setup(seed):
     def step(xb, yb):
         with tf.GradientTape() as tape:
             loss = SCCE(yb, model(xb, training=True))
-        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+        opt.apply_gradients(
+            zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        )
         return loss
 
     return model, opt, step
@@ -126,7 +130,11 @@ def test_tf_train_checkpoint_in_a_custom_loop(tmp_path):
 
 
 def _run(args, timeout):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(
+        os.environ,
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        TF_CPP_MIN_LOG_LEVEL="3",
+    )
     return subprocess.Popen(
         [sys.executable, os.path.join(HERE, "checkpoint_resume_script.py"), *args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -139,7 +147,8 @@ def test_backup_and_restore_resumes_exactly_after_sigkill(tmp_path):
     factors, inverses, momentum, step counters and the sampling RNG) and
     finishes with the weights of an uninterrupted run. Tolerance 1e-6
     (same process layout and ops; observed identical)."""
-    backup, out, marker = str(tmp_path / "backup"), str(tmp_path / "out.json"), str(tmp_path / "hanging")
+    backup, out = str(tmp_path / "backup"), str(tmp_path / "out.json")
+    marker = str(tmp_path / "hanging")
     crashed = _run([backup, out, "2", "3", marker], timeout=None)
     try:
         deadline = time.monotonic() + 240

@@ -27,7 +27,11 @@ def model(kind):
     if kind == "dense":
         body = [keras.Input((6,)), keras.layers.Dense(16, activation="tanh")]
     else:
-        body = [keras.Input((6, 6, 1)), keras.layers.Conv2D(4, 3, activation="relu"), keras.layers.Flatten()]
+        body = [
+            keras.Input((6, 6, 1)),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.Flatten(),
+        ]
     return keras.Sequential(body + [keras.layers.Dense(3)])
 
 

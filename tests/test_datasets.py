@@ -1,6 +1,7 @@
 """keras_kfac.datasets: offline preparation of the standard TFDS MNIST builders.
 
-Uses the real IDX files in ``<repo>/../shared/datasets`` (skipped if absent).
+Uses the real IDX files in ``<repo>/../shared/datasets`` (the ``raw_data``
+fixture: skipped if absent, failed under ``CI=true``).
 TFDS shuffles examples when it writes a split, so the prepared dataset's order
 is not the IDX files' order: the known first labels (MNIST ``5 0 4 1 9``,
 Fashion-MNIST ``9 0 0 3 0``) are checked on the raw files and then looked up,
@@ -15,16 +16,7 @@ import pytest
 
 from keras_kfac import datasets
 
-SHARED = os.path.abspath(
-    os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "shared", "datasets")
-)
-
 FIRST_LABELS = {"mnist": [5, 0, 4, 1, 9], "fashion_mnist": [9, 0, 0, 3, 0]}
-
-
-def shared_tfds_dir(tmp_path_factory):
-    """One TFDS data_dir per pytest session (also used by test_examples.py)."""
-    return str(tmp_path_factory.getbasetemp() / "keras_kfac_tfds")
 
 
 def _read_idx(folder, prefix):
@@ -35,11 +27,7 @@ def _read_idx(folder, prefix):
     return x, y
 
 
-def _check(name, data_dir):
-    raw_dir = os.path.join(SHARED, name.replace("_", "-"))
-    if not os.path.isdir(raw_dir):
-        pytest.skip(f"raw IDX files not found: {raw_dir} is absent")
-
+def _check(name, raw_dir, data_dir):
     for split, prefix, n in (("train", "train", 60000), ("test", "t10k", 10000)):
         x, y = datasets.load_numpy(name, split, data_dir=data_dir, download=False)
         assert x.shape == (n, 28, 28, 1) and x.dtype == np.float32
@@ -65,20 +53,18 @@ def _check(name, data_dir):
     assert builder.info.splits["train"].num_examples == 60000
 
 
-def test_mnist_offline(tmp_path_factory):
-    _check("mnist", shared_tfds_dir(tmp_path_factory))
+def test_mnist_offline(raw_data, tfds_dir):
+    _check("mnist", raw_data("mnist"), tfds_dir)
 
 
 @pytest.mark.slow
-def test_fashion_mnist_offline(tmp_path_factory):
-    _check("fashion_mnist", shared_tfds_dir(tmp_path_factory))
+def test_fashion_mnist_offline(raw_data, tfds_dir):
+    _check("fashion_mnist", raw_data("fashion-mnist"), tfds_dir)
 
 
-def test_tf_dataset_batches(tmp_path_factory):
-    if not os.path.isdir(os.path.join(SHARED, "mnist")):
-        pytest.skip(f"raw IDX files not found: {SHARED}/mnist is absent")
-    ds = datasets.load("mnist", "test", data_dir=shared_tfds_dir(tmp_path_factory),
-                       batch_size=1000, download=False)
+def test_tf_dataset_batches(raw_data, tfds_dir):
+    raw_data("mnist")
+    ds = datasets.load("mnist", "test", data_dir=tfds_dir, batch_size=1000, download=False)
     x, y = next(iter(ds))
     assert tuple(x.shape) == (1000, 28, 28, 1) and tuple(y.shape) == (1000,)
 
@@ -103,18 +89,17 @@ def test_bad_manual_dir(tmp_path):
         datasets.find_raw_dir("mnist", manual_dir=str(tmp_path))
 
 
-def test_finds_shared_dir_by_walking_up(monkeypatch, tmp_path):
-    if not os.path.isdir(os.path.join(SHARED, "mnist")):
-        pytest.skip(f"raw IDX files not found: {SHARED}/mnist is absent")
+def test_finds_shared_dir_by_walking_up(monkeypatch, tmp_path, raw_data):
+    shared = os.path.dirname(raw_data("mnist"))
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if not os.path.abspath(datasets.__file__).startswith(repo + os.sep):
         pytest.skip("keras_kfac is not imported from this checkout")
     monkeypatch.delenv("KERAS_KFAC_DATA", raising=False)
     monkeypatch.chdir(tmp_path)  # cwd is elsewhere: found from the package location
     found = datasets.find_raw_dir("fashion_mnist")
-    assert found is not None and os.path.samefile(found, os.path.join(SHARED, "fashion-mnist"))
-    monkeypatch.setenv("KERAS_KFAC_DATA", SHARED)
-    assert os.path.samefile(datasets.find_raw_dir("mnist"), os.path.join(SHARED, "mnist"))
+    assert found is not None and os.path.samefile(found, os.path.join(shared, "fashion-mnist"))
+    monkeypatch.setenv("KERAS_KFAC_DATA", shared)
+    assert os.path.samefile(datasets.find_raw_dir("mnist"), os.path.join(shared, "mnist"))
 
 
 def test_offline_download_fails_fast(tmp_path, monkeypatch):
@@ -142,3 +127,14 @@ def test_never_prepares_next_to_raw_files(tmp_path, monkeypatch):
     out = datasets.prepare("mnist", data_dir=str(tmp_path / "src"), download=False)
     assert out == str(tmp_path / "default")
     assert calls == [("mnist", str(raw), str(tmp_path / "default"))]
+
+
+def test_missing_raw_data_skips_locally_and_fails_under_ci(raw_data, tmp_path, monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="absent"):
+        raw_data("mnist", root=str(tmp_path))
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true requires"):
+        raw_data("mnist", root=str(tmp_path))
+    (tmp_path / "mnist").mkdir()
+    assert raw_data("mnist", root=str(tmp_path)) == str(tmp_path / "mnist")

@@ -33,7 +33,11 @@ def _env():
 
 def _run(args, timeout):
     proc = subprocess.Popen(
-        [sys.executable, *args], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, *args],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -47,7 +51,13 @@ def _run(args, timeout):
 
 def mirrored(configs, steps=3, timeout=500):
     out, err = _run(
-        [os.path.join(HERE, "distributed_mirrored_check.py"), "--configs", ",".join(configs), "--steps", str(steps)],
+        [
+            os.path.join(HERE, "distributed_mirrored_check.py"),
+            "--configs",
+            ",".join(configs),
+            "--steps",
+            str(steps),
+        ],
         timeout,
     )
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
@@ -68,7 +78,9 @@ def check_matches_single_device(result):
         assert r["max_weight_error"] < 2e-5, (config, r)
 
 
-FAST = ["kfac:sampled", "kfac:empirical", "tengrad:sampled", "jit", "adaptive_step", "adaptive_damping"]
+FAST = [
+    "kfac:sampled", "kfac:empirical", "tengrad:sampled", "jit", "adaptive_step", "adaptive_damping"
+]
 
 
 def test_mirrored_strategy_matches_single_device_and_rejects_jit_compile():
@@ -127,11 +139,23 @@ def _multiworker(method, fisher, tmp, timeout=300):
     try:
         for index in range(2):
             env = _env()
-            env["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+            env["TF_CONFIG"] = json.dumps(
+                {"cluster": cluster, "task": {"type": "worker", "index": index}}
+            )
             out = os.path.join(tmp, f"worker{index}.npz")
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, script, "worker", "--out", out, "--method", method, "--fisher", fisher],
+                    [
+                        sys.executable,
+                        script,
+                        "worker",
+                        "--out",
+                        out,
+                        "--method",
+                        method,
+                        "--fisher",
+                        fisher,
+                    ],
                     env=env,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
@@ -162,7 +186,9 @@ def test_multi_worker_mirrored_strategy_matches_single_process(method, fisher):
             assert int(w["iterations"]) == int(single["iterations"]) == 3
             for i in range(count):
                 np.testing.assert_array_equal(w[f"init{i}"], single[f"init{i}"])
-        moved = sum(float(np.sum((single[f"w{i}"] - single[f"init{i}"]) ** 2)) for i in range(count))
+        moved = sum(
+            float(np.sum((single[f"w{i}"] - single[f"init{i}"]) ** 2)) for i in range(count)
+        )
         assert moved > 1e-4
         for i in range(count):
             # Equal across workers (each updates its own copy) ...

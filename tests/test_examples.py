@@ -5,21 +5,15 @@ import re
 import subprocess
 import sys
 
-import pytest
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_MNIST = os.path.join(REPO, os.pardir, "shared", "datasets", "mnist")
 
 
-def test_mnist_autoencoder_quick(tmp_path_factory):
-    if not os.path.isdir(SHARED_MNIST):
-        pytest.skip(f"raw MNIST files not found: {os.path.abspath(SHARED_MNIST)} is absent")
-    # Same TFDS data_dir as tests/test_datasets.py: MNIST is prepared once per session.
-    data_dir = tmp_path_factory.getbasetemp() / "keras_kfac_tfds"
+def test_mnist_autoencoder_quick(raw_data, tfds_dir):
+    raw_data("mnist")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "examples", "mnist_autoencoder.py"),
-         "--quick", "--verbose", "2", "--data-dir", str(data_dir)],
+         "--quick", "--verbose", "2", "--data-dir", tfds_dir],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     out = proc.stdout + proc.stderr

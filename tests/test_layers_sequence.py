@@ -157,7 +157,7 @@ def test_einsum_dense_one_step(mode, sharing):
     resolved = "reduce" if sharing == "auto" else "expand"
     A, G = reference_factors(a.astype(np.float64), g.astype(np.float64), resolved)
     expect_step(model, layer, x, y, factored_damped(A, G, DAMPING))
-    assert opt._blocks[[b.layer for b in opt._blocks].index(layer)].weight_sharing == resolved
+    assert opt.estimator.blocks[[b.layer for b in opt.estimator.blocks].index(layer)].weight_sharing == resolved
     assert f"AxG,{resolved}" in opt.summary(print_fn=lambda s: None)
 
 

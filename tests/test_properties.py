@@ -1,18 +1,18 @@
 """Property-based test (hypothesis): random small Dense / Conv2D layers
 (shapes, strides, padding, dilation, bias, batch size, extra Dense location
 axes), one K-FAC step against brute force: A and G from explicit patches
-(``test_core_math.reference_patches``) and pre-activation gradients of an
+(``reference.reference_patches``) and pre-activation gradients of an
 explicit forward pass, and the update ``-lr (damped kron(A, G))^-1 grad``
 with the gradient from per-example Jacobians (``reference``)."""
 
-import numpy as np
 import keras
+import numpy as np
 import tensorflow as tf
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import keras_kfac
-from reference import per_example_gradients
-from test_core_math import damped_reference, reference_patches
+from reference import damped_reference, per_example_gradients, reference_patches
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -48,17 +48,25 @@ def build(config):
     rng = np.random.default_rng(config["seed"])
     n = config["n"]
     if config["kind"] == "dense":
-        shape = (config["d_in"],) if config["locations"] is None else (config["locations"], config["d_in"])
+        shape = (config["d_in"],) if config["locations"] is None else (
+            config["locations"], config["d_in"]
+        )
         layer = keras.layers.Dense(config["c_out"], use_bias=config["use_bias"])
     else:
         shape = (config["size"], config["size"], config["c_in"])
         layer = keras.layers.Conv2D(
-            config["c_out"], config["k"], strides=config["strides"], dilation_rate=config["dilation"],
-            padding=config["padding"], use_bias=config["use_bias"],
+            config["c_out"],
+            config["k"],
+            strides=config["strides"],
+            dilation_rate=config["dilation"],
+            padding=config["padding"],
+            use_bias=config["use_bias"],
         )
     x = rng.normal(size=(n,) + shape).astype("float32")
     y = rng.integers(0, 2, size=(n,))
-    model = keras.Sequential([keras.Input(shape), layer, keras.layers.Flatten(), keras.layers.Dense(2)])
+    model = keras.Sequential(
+        [keras.Input(shape), layer, keras.layers.Flatten(), keras.layers.Dense(2)]
+    )
     return model, layer, x, y
 
 
@@ -67,14 +75,18 @@ def brute_force_ag(config, model, layer, x, y):
     if config["kind"] == "dense":
         a = x.reshape(n, -1, config["d_in"]).astype(np.float64)
     else:
-        a = reference_patches(x, config["k"], config["k"], config["strides"], config["dilation"], config["padding"])
+        a = reference_patches(
+            x, config["k"], config["k"], config["strides"], config["dilation"], config["padding"]
+        )
     if config["use_bias"]:
         a = np.concatenate([a, np.ones(a.shape[:2] + (1,))], axis=-1)
     with tf.GradientTape() as tape:
         s = layer.call(tf.constant(x))  # no activation: the pre-activation
         tape.watch(s)
         logits = model.layers[2](model.layers[1](s))
-        total = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+        total = tf.reduce_sum(
+            keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        )
     g = tape.gradient(total, s).numpy().reshape(n, -1, config["c_out"])
     return a, g
 
@@ -96,13 +108,17 @@ def test_random_layer_statistics_and_one_step_update(config):
     G = np.einsum("nta,ntb->ab", g, g) / (n * T)
     u = per_example_gradients(model, layer, x, y, SCCE).numpy()
     # The per-example gradient is sum_t a_t g_t^T (the block's parametrization).
-    np.testing.assert_allclose(np.einsum("nta,ntg->nag", a, g).reshape(n, -1), u, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.einsum("nta,ntg->nag", a, g).reshape(n, -1), u, rtol=1e-4, atol=1e-5
+    )
     params = [layer.kernel] + ([layer.bias] if config["use_bias"] else [])
     theta = np.concatenate([p.numpy().ravel() for p in params])
     model.fit(x, y, batch_size=n, epochs=1, verbose=0, shuffle=False)
     curvature = opt.curvature_for(layer)
     np.testing.assert_allclose(curvature.a.numpy(), A, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(curvature.g.numpy(), G, rtol=1e-4, atol=1e-7)
-    expected = -lr * np.linalg.solve(damped_reference(A, G, damping, config["damping_mode"]), u.mean(0))
+    expected = -lr * np.linalg.solve(
+        damped_reference(A, G, damping, config["damping_mode"]), u.mean(0)
+    )
     step = np.concatenate([p.numpy().ravel() for p in params]) - theta
     np.testing.assert_allclose(step, expected, rtol=5e-3, atol=2e-6 + 2e-3 * np.abs(expected).max())

@@ -4,9 +4,9 @@ never be retraced, and the instrumentation must hold no tensor between steps."""
 
 import os
 
+import keras
 import numpy as np
 import pytest
-import keras
 
 import keras_kfac
 

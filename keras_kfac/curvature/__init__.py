@@ -2,8 +2,8 @@
 (:class:`keras_kfac.curvature.base.Curvature`). Adding a method means adding a
 module and registering its class here; the optimizer never changes."""
 
-from keras_kfac.curvature.base import Curvature, LayerBatch
 from keras_kfac.curvature.auto import Auto
+from keras_kfac.curvature.base import Curvature, LayerBatch
 from keras_kfac.curvature.cgfac import CGFAC
 from keras_kfac.curvature.deflation import Deflation
 from keras_kfac.curvature.diagonal import Diagonal

@@ -68,7 +68,9 @@ def crossover(da, dg, t, inverse_every, stats_every=1):
     lo, hi = 0, MAX_BATCH
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if woodbury_cost(mid, da, dg, t) <= kronecker_cost(mid, da, dg, t, inverse_every, stats_every):
+        if woodbury_cost(mid, da, dg, t) <= kronecker_cost(
+            mid, da, dg, t, inverse_every, stats_every
+        ):
             lo = mid
         else:
             hi = mid - 1
@@ -79,12 +81,20 @@ class Auto(Curvature):
     name = "auto"
 
     def __init__(
-        self, block, damping_mode="factored", batch_size=None, stats_every=10, inverse_every=20, **options
+        self,
+        block,
+        damping_mode="factored",
+        batch_size=None,
+        stats_every=10,
+        inverse_every=20,
+        **options,
     ):
         super().__init__(block, damping_mode, stats_every=stats_every, inverse_every=inverse_every)
         options = dict(options, stats_every=stats_every, inverse_every=inverse_every)
         t = _locations(block)
-        self.crossover = crossover(block.a_dim, block.g_dim, t, float(inverse_every), float(stats_every))
+        self.crossover = crossover(
+            block.a_dim, block.g_dim, t, float(inverse_every), float(stats_every)
+        )
         self.kfac = None
         self.tengrad = None
         if batch_size is not None:

@@ -473,7 +473,8 @@ def golub_kahan_lanczos(op, x0, steps, rank, tol, max_restarts):
     def normalized(w, scale):
         norm = tf.norm(w)
         keep = norm > tiny * scale
-        return tf.where(keep, w / tf.where(keep, norm, 1.0), tf.zeros_like(w)), tf.where(keep, norm, 0.0)
+        unit = tf.where(keep, w / tf.where(keep, norm, 1.0), tf.zeros_like(w))
+        return unit, tf.where(keep, norm, 0.0)
 
     def bidiagonalize(x):
         xs, ys, alphas, betas = [x], [], [], []
@@ -553,5 +554,7 @@ def two_term_scale(k1, s1, k2, s2, damping):
     entry is floored at ``lambda ||k1_i||^2 ||k2_j||^2``, the damping's own share
     (at most 1, since ``A1' (x) G1' >= lambda I``). Where the floor does not
     bind, P is exactly the inverse of the damped two-term matrix."""
-    floor = damping * tf.reduce_sum(tf.square(k1), 0)[:, None] * tf.reduce_sum(tf.square(k2), 0)[None, :]
+    norms1 = tf.reduce_sum(tf.square(k1), 0)[:, None]
+    norms2 = tf.reduce_sum(tf.square(k2), 0)[None, :]
+    floor = damping * norms1 * norms2
     return tf.maximum(1.0 + s1[:, None] * s2[None, :], floor)
