@@ -86,6 +86,8 @@ class CurvatureEstimator:
         #: ``(layer, reason)`` of layers of a supported type left to the fallback.
         self.unsupported: List = []
         self.fallback_variables: List = []
+        #: ``[(layer, variables)]`` of the variables outside every block.
+        self.fallback_layers: List = []
         self.sampled_loss: Optional[SampledLoss] = None
         self._block_keys: set = set()
 
@@ -116,6 +118,7 @@ class CurvatureEstimator:
                 self._build_block(layer, block, keys, add_variable, key)
         self._block_keys = {key(v) for b in self.blocks for v in b.variables}
         self.fallback_variables = [v for v in variables if key(v) not in self._block_keys]
+        self.fallback_layers = _owning_layers(model, self.fallback_variables, key)
         if self.fisher == "sampled" and self.blocks:
             self.sampled_loss = SampledLoss.from_keras(
                 loss if loss is not None else getattr(model, "loss", None)
@@ -250,9 +253,64 @@ class CurvatureEstimator:
                 f"{block.name:<28}{type(block.layer).__name__:<20}{curvature.name:<16}"
                 f"{block.a_dim:>8}{block.g_dim:>8}  {block.structure()}"
             )
-        for layer, reason in self.unsupported:
-            rows.append(f"{layer.name:<28}{type(layer).__name__:<20}{'fallback':<16}  ({reason})")
+        reasons = {id(layer): reason for layer, reason in self.unsupported}
+        for layer, variables in self.fallback_layers:
+            reason = reasons.get(id(layer), f"no curvature block for {type(layer).__name__}")
+            rows.append(
+                f"{layer.name:<28}{type(layer).__name__:<20}{'fallback':<16}"
+                f"{_parameters(variables):>8} parameters  ({reason})"
+            )
         return rows
+
+    def fallback_share(self) -> float:
+        """The fraction of trainable parameters outside every block."""
+        covered = _parameters([v for b in self.blocks for v in b.variables])
+        fallback = _parameters(self.fallback_variables)
+        return fallback / max(covered + fallback, 1)
+
+    def fallback_warning(self) -> Optional[str]:
+        """One sentence naming the layers trained by the fallback and their
+        share of the parameters (None when every variable has a block)."""
+        if not self.fallback_layers:
+            return None
+        names = ", ".join(
+            f"{layer.name} ({type(layer).__name__})" for layer, _ in self.fallback_layers[:8]
+        )
+        more = len(self.fallback_layers) - 8
+        if more > 0:
+            names += f" and {more} more"
+        return (
+            f"KFAC: {100 * self.fallback_share():.1f}% of the trainable parameters of "
+            f"{self.model().name!r} have no curvature block and are trained by the Adam "
+            f"fallback: {names}. KFAC.summary() gives the reasons."
+        )
+
+
+def _parameters(variables) -> int:
+    total = 0
+    for v in variables:
+        count = 1
+        for d in v.shape:
+            count *= int(d)
+        total += count
+    return total
+
+
+def _owning_layers(model, variables, key) -> List:
+    """``[(layer, variables)]``: each variable under the innermost layer that
+    owns it (``flatten_layers`` lists a layer before its sublayers), in
+    model order; variables no layer owns come under the model."""
+    wanted = {key(v) for v in variables}
+    owner = {}
+    for layer in [model] + compat.flatten_layers(model):
+        for v in layer.trainable_weights:
+            if key(v) in wanted:
+                owner[key(v)] = layer
+    grouped = {}
+    for v in variables:
+        layer = owner.get(key(v), model)
+        grouped.setdefault(id(layer), (layer, []))[1].append(v)
+    return list(grouped.values())
 
 
 def register_model_discovery(optimizer_class) -> None:

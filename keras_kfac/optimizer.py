@@ -287,6 +287,10 @@ class KFAC(keras.optimizers.Optimizer):
                 "variable is trained by the Adam fallback (see KFAC.summary()).",
                 stacklevel=2,
             )
+        elif estimator.fallback_warning():
+            # Once, when the optimizer is built (the first step): nothing
+            # falls back silently.
+            warnings.warn(estimator.fallback_warning(), stacklevel=2)
         self._monitor.build()
 
     # --- hyperparameters that callbacks change -----------------------------
@@ -550,7 +554,8 @@ class KFAC(keras.optimizers.Optimizer):
         fallback = self._estimator.fallback_variables
         if fallback:
             lines.append(
-                f"Adam fallback (lr={self.fallback_learning_rate:g}) for: "
+                f"Adam fallback (lr={self.fallback_learning_rate:g}, "
+                f"{100 * self._estimator.fallback_share():.1f}% of the parameters) for: "
                 + ", ".join(v.path for v in fallback)
             )
         text = "\n".join(lines)

@@ -112,3 +112,19 @@ def test_embedding_and_batchnorm_model_save_load_resumes_exactly(tmp_path, jit_c
     assert int(loaded.optimizer.fallback_optimizer.iterations.numpy()) == 8
     loaded.fit(x, y, epochs=2, **fit)
     assert_same_state(loaded, reference, loaded.optimizer, ref_opt, tol=1e-5)
+
+
+def test_fallback_layers_are_named_with_their_share_once():
+    x, y = token_data()
+    model = mixed_model()
+    opt = kfac()
+    model.compile(optimizer=opt, loss=SCCE)
+    with pytest.warns(UserWarning, match=r"of the trainable parameters .* scale \(Scale\)") as record:
+        model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    assert sum("Adam fallback" in str(w.message) for w in record) == 1  # once, at build
+    share = 4 / sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    assert opt.estimator.fallback_share() == pytest.approx(share)
+    rows = opt.summary(print_fn=lambda s: None).splitlines()
+    row = [r for r in rows if r.startswith("scale ")]
+    assert row and "fallback" in row[0] and "4 parameters" in row[0], rows
+    assert "no curvature block for Scale" in row[0]
