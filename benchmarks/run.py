@@ -5,6 +5,8 @@ command; results (JSON, CSV, PNG, Markdown) go to ``benchmarks/results/``.
     python benchmarks/run.py autoencoder --relu     # the ReLU variant
     python benchmarks/run.py convnet --batch 128    # Fashion-MNIST convnet
     python benchmarks/run.py overhead --batch 1000  # time per step / memory per method
+    python benchmarks/run.py vit                    # small ViT on Fashion-MNIST
+    python benchmarks/run.py charlm                 # character-level Transformer LM
     python benchmarks/run.py autoencoder --quick     # smoke mode, well under a minute
 
 ``--budget`` is the training wall-clock per optimizer (seconds, excluding the
@@ -66,6 +68,91 @@ def convnet(seed=0):
     )
 
 
+class PatchEmbedding(keras.layers.Layer):
+    """Non-overlapping image patches, linearly projected, plus a learned
+    position embedding (the ViT input of Dosovitskiy et al. 2021)."""
+
+    def __init__(self, patch, patches, dim, **kwargs):
+        super().__init__(**kwargs)
+        self.patch = patch
+        self.patches = patches
+        self.projection = keras.layers.Dense(dim)
+        self.position = keras.layers.Embedding(patches, dim)
+
+    def call(self, images):
+        flat = keras.ops.image.extract_patches(images, self.patch)
+        flat = keras.ops.reshape(flat, (-1, self.patches, flat.shape[-1]))
+        return self.projection(flat) + self.position(keras.ops.arange(self.patches))
+
+
+def transformer_layer(x, heads, dim, hidden, causal=False):
+    """Pre-norm Transformer layer: attention and MLP, each with a residual."""
+    h = keras.layers.LayerNormalization(epsilon=1e-6)(x)
+    h = keras.layers.MultiHeadAttention(heads, dim // heads)(h, h, use_causal_mask=causal)
+    x = keras.layers.Add()([x, h])
+    h = keras.layers.LayerNormalization(epsilon=1e-6)(x)
+    h = keras.layers.Dense(hidden, activation="gelu")(h)
+    h = keras.layers.Dense(dim)(h)
+    return keras.layers.Add()([x, h])
+
+
+def vit(seed=0, patch=7, dim=64, heads=4, depth=2):
+    """A small ViT for 28x28 images: 16 patches of 7x7, two layers, mean pooling."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((28, 28, 1))
+    x = PatchEmbedding(patch, (28 // patch) ** 2, dim)(inputs)
+    for _ in range(depth):
+        x = transformer_layer(x, heads, dim, 2 * dim)
+    x = keras.layers.LayerNormalization(epsilon=1e-6)(x)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    return keras.Model(inputs, keras.layers.Dense(10)(x))
+
+
+class TokenAndPosition(keras.layers.Layer):
+    def __init__(self, length, vocab, dim, **kwargs):
+        super().__init__(**kwargs)
+        self.tokens = keras.layers.Embedding(vocab, dim)
+        self.positions = keras.layers.Embedding(length, dim)
+        self.length = length
+
+    def call(self, ids):
+        return self.tokens(ids) + self.positions(keras.ops.arange(self.length))
+
+
+def char_lm(vocab, length, seed=0, dim=128, heads=4, depth=2):
+    """A causal character-level Transformer language model (per-token loss)."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((length,), dtype="int32")
+    x = TokenAndPosition(length, vocab, dim)(inputs)
+    for _ in range(depth):
+        x = transformer_layer(x, heads, dim, 4 * dim, causal=True)
+    x = keras.layers.LayerNormalization(epsilon=1e-6)(x)
+    return keras.Model(inputs, keras.layers.Dense(vocab)(x))
+
+
+FORTUNES = os.path.join(os.path.dirname(ROOT), "shared", "datasets", "fortunes", "fortunes.txt.gz")
+
+
+def fortunes_sequences(length, path=FORTUNES):
+    """Debian's ``fortunes`` text (see ../shared/datasets/fortunes/README.md:
+    ``apt-get download fortunes``; the data files concatenated and gzipped) as
+    non-overlapping character windows: ``(x, y)`` with ``y`` ``x`` shifted by
+    one, a vocabulary of the printable characters (others map to one id), and
+    the last 5% of the text held out."""
+    import gzip
+
+    with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    chars = sorted({c for c in text if c.isprintable() or c == "\n"})
+    index = {c: i + 1 for i, c in enumerate(chars)}  # 0: anything else
+    ids = np.array([index.get(c, 0) for c in text], dtype=np.int32)
+    windows = (len(ids) - 1) // length
+    x = ids[: windows * length].reshape(windows, length)
+    y = ids[1 : windows * length + 1].reshape(windows, length)
+    split = int(0.95 * windows)
+    return (x[:split], y[:split]), (x[split:], y[split:]), len(chars) + 1
+
+
 # --- optimizers ----------------------------------------------------------------
 
 
@@ -88,6 +175,19 @@ def first_order_runs(adam_lrs, sgd_lrs):
             lambda lr=lr: keras.optimizers.SGD(lr, momentum=0.9, nesterov=True),
             [],
         )
+    return runs
+
+
+def transformer_baselines(adam_lrs):
+    """Adam and AdamW (weight decay 0.05) over a learning-rate grid, and
+    Muon (Keras's defaults: Newton-Schulz orthogonalized momentum on 2-D
+    weights, AdamW on the rest)."""
+    runs = {}
+    for lr in adam_lrs:
+        runs[f"adam lr={lr:g}"] = (lambda lr=lr: keras.optimizers.Adam(lr), [])
+    for lr in adam_lrs:
+        runs[f"adamw lr={lr:g}"] = (lambda lr=lr: keras.optimizers.AdamW(lr, weight_decay=0.05), [])
+    runs["muon (defaults)"] = (lambda: keras.optimizers.Muon(), [])
     return runs
 
 
@@ -333,6 +433,73 @@ def suite_convnet(args):
     print(md)
 
 
+def suite_sequence(args, name, title, build, data, evaluate, key, y_label, higher_is_better):
+    """A Transformer suite: KFAC() against Adam, AdamW and Muon."""
+    runs = dict(kfac_runs([m for m in args.methods if m in ("kfac", "ekfac")], args.kfac))
+    runs.update(transformer_baselines([3e-4, 1e-3, 3e-3]))
+    runs = select(runs, args.optimizers)
+    results = run_suite(name, runs, build, data, args, evaluate, key)
+    name = name + args.tag + ("_quick" if args.quick else "")
+    best, target, table = report_time_to_target(
+        results, key, ("adam", "muon"), higher_is_better=higher_is_better
+    )
+    command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
+    md = markdown(f"{title} (batch {args.batch}, {args.budget:g} s each)", command, best, target,
+                  key, table, adam_step_ms(results))
+    write_results(name, {"suite": name, "batch": args.batch, "budget": args.budget,
+                         "target": target, "table": table},
+                  results, y_key=key, y_label=y_label, log_y=not higher_is_better)
+    with open(os.path.join(RESULTS, name + ".md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+def suite_vit(args):
+    x, y = datasets.load_numpy("fashion_mnist", "train", data_dir=args.data_dir)
+    xt, yt = datasets.load_numpy("fashion_mnist", "test", data_dir=args.data_dir)
+    if args.quick:
+        x, y, xt, yt = x[:2000], y[:2000], xt[:500], yt[:500]
+    probe = (x[:10000], y[:10000])
+
+    def build():
+        return vit()
+
+    build.compile_kwargs = {
+        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        "metrics": ["accuracy"],
+    }
+
+    def evaluate(model):
+        train_loss, _ = model.evaluate(*probe, batch_size=1000, verbose=0)
+        _, test_acc = model.evaluate(xt, yt, batch_size=1000, verbose=0)
+        return {"train_loss": train_loss, "test_accuracy": test_acc}
+
+    suite_sequence(args, f"vit_batch{args.batch}", "Fashion-MNIST ViT", build, (x, y), evaluate,
+                   "train_loss", "train loss (cross-entropy)", False)
+
+
+def suite_charlm(args):
+    length = 64
+    (x, y), (xt, yt), vocab = fortunes_sequences(length)
+    if args.quick:
+        x, y, xt, yt = x[:1000], y[:1000], xt[:200], yt[:200]
+    probe = (x[:4000], y[:4000])
+
+    def build():
+        return char_lm(vocab, length)
+
+    build.compile_kwargs = {"loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}
+
+    def evaluate(model):
+        return {
+            "train_loss": model.evaluate(*probe, batch_size=500, verbose=0),
+            "test_loss": model.evaluate(xt, yt, batch_size=500, verbose=0),
+        }
+
+    suite_sequence(args, f"charlm_batch{args.batch}", "Character-level Transformer LM (fortunes)",
+                   build, (x, y), evaluate, "train_loss", "train loss (nats/char)", False)
+
+
 def optimizer_state_floats(opt, model):
     weights = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     state = sum(int(np.prod(v.shape)) for v in opt.variables)
@@ -412,7 +579,13 @@ def suite_overhead(args):
     print(md)
 
 
-SUITES = {"autoencoder": suite_autoencoder, "convnet": suite_convnet, "overhead": suite_overhead}
+SUITES = {
+    "autoencoder": suite_autoencoder,
+    "convnet": suite_convnet,
+    "overhead": suite_overhead,
+    "vit": suite_vit,
+    "charlm": suite_charlm,
+}
 
 
 def main(argv=None):
@@ -422,7 +595,7 @@ def main(argv=None):
         "--batch",
         type=int,
         default=None,
-        help="default: 1000 (autoencoder, overhead), 128 (convnet)",
+        help="default: 1000 (autoencoder, overhead), 128 (convnet, vit, charlm)",
     )
     parser.add_argument("--budget", type=float, default=60.0, help="training seconds per optimizer")
     parser.add_argument(
@@ -457,7 +630,7 @@ def main(argv=None):
     if args.methods == ["all"]:
         args.methods = ALL_METHODS
     if args.batch is None:
-        args.batch = 128 if args.suite == "convnet" else 1000
+        args.batch = 128 if args.suite in ("convnet", "vit", "charlm") else 1000
     if args.quick:
         args.budget = min(args.budget, 2.0)
         args.batch = min(args.batch, 500)
