@@ -47,9 +47,19 @@ def per_example_gradients(model, layer, x, y, loss):
     layer = _layer(model, layer)
     fn = per_example_loss_fn(loss)
     params = block_for_layer(layer).variables
-    with tf.GradientTape() as tape:
+    with tf.GradientTape(persistent=True) as tape:
         losses = tf.reshape(fn(y, model(x, training=False)), (-1,))
-    jac = tape.jacobian(losses, params)
+    # TF's vectorized jacobian (TF 2.21) is wrong through grouped
+    # convolutions (every kernel gradient that flows through one) and fails
+    # on some ops (BiasAddGrad of channels_first layers); the loop over
+    # examples is right for both.
+    grouped = any(
+        getattr(l, "groups", 1) > 1 for l in model._flatten_layers(include_self=False, recursive=True)
+    )
+    try:
+        jac = tape.jacobian(losses, params, experimental_use_pfor=not grouped)
+    except ValueError:
+        jac = tape.jacobian(losses, params, experimental_use_pfor=False)
     n = int(losses.shape[0])
     return tf.concat([tf.reshape(tf.cast(j, tf.float32), (n, -1)) for j in jac], axis=1)
 
