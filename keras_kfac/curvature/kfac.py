@@ -21,7 +21,7 @@ next refresh retries with the larger damping. ``m`` is never lowered.
 import tensorflow as tf
 
 from keras_kfac.curvature import factors as F
-from keras_kfac.curvature.base import Curvature, factor_a, factor_g
+from keras_kfac.curvature.base import Curvature, factor_a, factor_g, group_shape, grouped_names
 
 #: Factor by which a failed refresh raises its layer's damping multiplier.
 DAMPING_RAISE = 10.0
@@ -30,10 +30,12 @@ DAMPING_RAISE = 10.0
 class KroneckerFactors(Curvature):
     """Running averages of ``A`` and ``G``; shared by methods built on them."""
 
+    supports_groups = True
+
     def build(self, add_variable):
-        da, dg = self.block.a_dim, self.block.g_dim
-        self.a = add_variable("A", (da, da))
-        self.g = add_variable("G", (dg, dg))
+        da, dg, gs = self.block.a_dim, self.block.g_dim, group_shape(self.block)
+        self.a = add_variable("A", gs + (da, da))
+        self.g = add_variable("G", gs + (dg, dg))
 
     def update_statistics(self, batch, decay):
         F.running_average(self.a, factor_a(batch.a()), decay)
@@ -43,7 +45,7 @@ class KroneckerFactors(Curvature):
         return F.kron(self.a, self.g)
 
     def factors(self):
-        return {"A": self.a, "G": self.g}
+        return grouped_names(self.block, {"A": self.a, "G": self.g})
 
 
 class KFAC(KroneckerFactors):
@@ -51,15 +53,15 @@ class KFAC(KroneckerFactors):
 
     def build(self, add_variable):
         super().build(add_variable)
-        da, dg = self.block.a_dim, self.block.g_dim
+        da, dg, gs = self.block.a_dim, self.block.g_dim, group_shape(self.block)
         if self.damping_mode == "factored":
-            self.a_inverse = add_variable("A_inverse", (da, da))
-            self.g_inverse = add_variable("G_inverse", (dg, dg))
+            self.a_inverse = add_variable("A_inverse", gs + (da, da))
+            self.g_inverse = add_variable("G_inverse", gs + (dg, dg))
         else:
-            self.a_evecs = add_variable("A_eigenvectors", (da, da))
-            self.a_evals = add_variable("A_eigenvalues", (da,))
-            self.g_evecs = add_variable("G_eigenvectors", (dg, dg))
-            self.g_evals = add_variable("G_eigenvalues", (dg,))
+            self.a_evecs = add_variable("A_eigenvectors", gs + (da, da))
+            self.a_evals = add_variable("A_eigenvalues", gs + (da,))
+            self.g_evecs = add_variable("G_eigenvectors", gs + (dg, dg))
+            self.g_evals = add_variable("G_eigenvalues", gs + (dg,))
         self.damping_multiplier = add_variable("damping_multiplier", (), initializer="ones")
 
     def refresh(self, damping):
@@ -97,5 +99,5 @@ class KFAC(KroneckerFactors):
     def precondition(self, v, damping, batch=None):
         if self.damping_mode == "factored":
             return self.a_inverse @ v @ self.g_inverse
-        scale = self.a_evals[:, None] * self.g_evals[None, :] + damping * self.damping_multiplier
+        scale = self.a_evals[..., :, None] * self.g_evals[..., None, :] + damping * self.damping_multiplier
         return F.eigenbasis_solve(v, self.a_evecs, self.g_evecs, scale)

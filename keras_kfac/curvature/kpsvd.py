@@ -19,6 +19,7 @@ from keras_kfac.curvature.kfac import KFAC
 
 class KPSVD(KFAC):
     name = "kpsvd"
+    supports_groups = False
 
     def __init__(self, block, damping_mode="factored", power_iters=20, power_tol=1e-4, **options):
         super().__init__(block, damping_mode, **options)

@@ -13,14 +13,25 @@ and maps the layer's variable gradients to and from the matrix ``V`` of shape
 kernel order, so ``vec_row(V)`` is the parameter vector of the conventions).
 """
 
-from keras_kfac.layers.base import LayerBlock, block_for_layer, unsupported_reason
-from keras_kfac.layers.conv2d import Conv2DBlock
+from keras_kfac.layers.base import (
+    LayerBlock,
+    block_class_for_layer,
+    block_for_layer,
+    register_block,
+    unsupported_reason,
+)
+from keras_kfac.layers.conv import ConvBlock, DepthwiseConvBlock
+from keras_kfac.layers.conv_transpose import ConvTransposeBlock
 from keras_kfac.layers.dense import DenseBlock
 
 __all__ = [
     "LayerBlock",
     "DenseBlock",
-    "Conv2DBlock",
+    "ConvBlock",
+    "DepthwiseConvBlock",
+    "ConvTransposeBlock",
+    "block_class_for_layer",
     "block_for_layer",
+    "register_block",
     "unsupported_reason",
 ]

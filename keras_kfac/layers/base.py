@@ -5,7 +5,7 @@ import tensorflow as tf
 
 
 class LayerBlock:
-    """One Dense/Conv2D layer seen as a Kronecker-factored Fisher block.
+    """One supported layer seen as a Kronecker-factored Fisher block.
 
     Subclasses implement ``_locations`` (inputs -> ``(n, T, d_in)`` rows of
     the kernel's input side) and ``_output_locations`` (pre-activation
@@ -17,6 +17,14 @@ class LayerBlock:
     #: ``KFAC(curvature=...)`` says (blocks that are not Kronecker-factored,
     #: e.g. scale-and-shift); None: the user's choice.
     fixed_curvature = None
+    #: Independent weight groups (grouped/depthwise convolutions). With
+    #: ``groups > 1`` the Fisher block is block-diagonal over groups: ``a``,
+    #: ``g`` are ``(n, T, groups, a_dim)``, ``(n, T, groups, g_dim)`` and
+    #: ``V`` is ``(groups, a_dim, g_dim)``, with ``a_dim``, ``g_dim`` per group.
+    groups = 1
+    #: Methods a subclass of a supported layer may not override and keep the
+    #: block (they compute what the block assumes).
+    forward_methods = ("call",)
 
     def __init__(self, layer):
         self.layer = layer
@@ -39,7 +47,7 @@ class LayerBlock:
 
     @property
     def num_parameters(self):
-        return self.a_dim * self.g_dim
+        return self.groups * self.a_dim * self.g_dim
 
     def activations(self, inputs):
         """Homogeneous inputs ``a_bar``, float32, shape ``(n, T, a_dim)``."""
@@ -96,7 +104,7 @@ class LayerBlock:
 
 
 _BLOCK_TYPES = []
-#: Exact layer classes that have a block (subclasses may change the forward).
+#: Layer classes that have a block (subclasses get it if they keep its math).
 SUPPORTED_LAYER_TYPES = set()
 
 
@@ -106,30 +114,49 @@ def register_block(cls):
     return cls
 
 
+def _registered(layer):
+    """``(block class, supported base class)`` of the nearest supported class
+    in ``type(layer)``'s MRO, or ``(None, None)``."""
+    for base in type(layer).__mro__:
+        for cls in _BLOCK_TYPES:
+            if base in cls.layer_types:
+                return cls, base
+    return None, None
+
+
+def _overridden(layer, cls, base):
+    """The first of ``cls.forward_methods`` that ``type(layer)`` defines
+    differently from the supported ``base`` (None if it keeps them all)."""
+    for name in cls.forward_methods:
+        if getattr(type(layer), name, None) is not getattr(base, name, None):
+            return name
+    return None
+
+
 def unsupported_reason(layer):
     """Why ``layer`` gets no curvature block (None when it gets one)."""
-    for cls in _BLOCK_TYPES:
-        if type(layer) in cls.layer_types:
-            return cls.unsupported_reason(layer)
-        if isinstance(layer, cls.layer_types):
-            return (
-                f"subclass {type(layer).__name__} of "
-                f"{cls.layer_types[0].__name__} may change the forward pass"
-            )
-    return "layer type has no curvature block"
+    cls, base = _registered(layer)
+    if cls is None:
+        return "layer type has no curvature block"
+    method = _overridden(layer, cls, base)
+    if method is not None:
+        return f"subclass {type(layer).__name__} overrides {method}"
+    return cls.unsupported_reason(layer)
 
 
 def block_class_for_layer(layer):
-    """The block class for ``layer``'s type (None when it has none)."""
-    for cls in _BLOCK_TYPES:
-        if type(layer) in cls.layer_types:
-            return cls
-    return None
+    """The block class for ``layer`` (None when it has none): that of its
+    type, or of the nearest supported base class when ``layer``'s class does
+    not override the methods the block's math depends on."""
+    cls, base = _registered(layer)
+    if cls is None or _overridden(layer, cls, base) is not None:
+        return None
+    return cls
 
 
 def block_for_layer(layer):
     """The block for ``layer``, or None if its variables take the fallback."""
-    for cls in _BLOCK_TYPES:
-        if type(layer) in cls.layer_types and cls.unsupported_reason(layer) is None:
-            return cls(layer)
-    return None
+    cls = block_class_for_layer(layer)
+    if cls is None or cls.unsupported_reason(layer) is not None:
+        return None
+    return cls(layer)
