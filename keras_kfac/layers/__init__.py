@@ -23,6 +23,7 @@ from keras_kfac.layers.base import (
 from keras_kfac.layers.conv import ConvBlock, DepthwiseConvBlock
 from keras_kfac.layers.conv_transpose import ConvTransposeBlock
 from keras_kfac.layers.dense import DenseBlock
+from keras_kfac.layers.separable import SeparableConvBlock
 
 __all__ = [
     "LayerBlock",
@@ -30,6 +31,7 @@ __all__ = [
     "ConvBlock",
     "DepthwiseConvBlock",
     "ConvTransposeBlock",
+    "SeparableConvBlock",
     "block_class_for_layer",
     "block_for_layer",
     "register_block",
