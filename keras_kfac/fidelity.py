@@ -64,9 +64,26 @@ def per_example_gradients(model, layer, x, y, loss):
     return tf.concat([tf.reshape(tf.cast(j, tf.float32), (n, -1)) for j in jac], axis=1)
 
 
+def matrix_order(block, u):
+    """Per-example gradients ``(n, P)`` in parameter order -> in the order
+    of ``vec(block.to_matrix(...))``, that of the curvature matrices (the
+    same for Dense and Conv; a permutation for transposed and grouped
+    convolutions)."""
+    sizes = [int(np.prod(v.shape)) for v in block.variables]
+    shapes = [tuple(v.shape) for v in block.variables]
+
+    def one(row):
+        parts = [tf.reshape(p, s) for p, s in zip(tf.split(row, sizes), shapes)]
+        return tf.reshape(block.to_matrix(parts), (-1,))
+
+    return tf.map_fn(one, u)
+
+
 def exact_fisher_block(model, layer, x, y, loss):
-    """``F = (1/n) sum_i u_i u_i^T`` of ``layer``, shape (P, P)."""
-    u = per_example_gradients(model, layer, x, y, loss)
+    """``F = (1/n) sum_i u_i u_i^T`` of ``layer``, shape (P, P), in the order
+    of the curvature matrices (:func:`matrix_order`)."""
+    layer = _layer(model, layer)
+    u = matrix_order(block_for_layer(layer), per_example_gradients(model, layer, x, y, loss))
     return tf.matmul(u, u, transpose_a=True) / tf.cast(tf.shape(u)[0], tf.float32)
 
 

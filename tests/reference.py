@@ -30,8 +30,9 @@ def kfac_factors(a, g):
 
 
 def fisher_from_ag(a, g):
-    """``(1/n) sum_i vec(U_i) vec(U_i)^T``, ``U_i = sum_t a_t g_t^T``."""
-    u = np.einsum("nta,ntg->nag", a, g).reshape(a.shape[0], -1)
+    """``(1/n) sum_i vec(U_i) vec(U_i)^T``, ``U_i = sum_t a_t g_t^T`` (one
+    per group for grouped ``a``, ``g``: vec over (group, a, g))."""
+    u = np.einsum("nt...a,nt...g->n...ag", a, g).reshape(a.shape[0], -1)
     return u.T @ u / a.shape[0]
 
 

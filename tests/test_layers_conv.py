@@ -20,7 +20,16 @@ from keras_kfac import curvature as curvature_lib
 from keras_kfac.fidelity import fitted_curvature
 from keras_kfac.layers import block_class_for_layer, block_for_layer, unsupported_reason
 from keras_kfac.layers.conv import ConvBlock
-from reference import factored_damped, kfac_factors, layer_ag, per_example_gradients, rel
+from reference import (
+    exact_fisher_block,
+    factored_damped,
+    fisher_from_ag,
+    kfac_factors,
+    layer_ag,
+    layer_batch,
+    per_example_gradients,
+    rel,
+)
 
 L = keras.layers
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -280,3 +289,57 @@ def test_subclass_overriding_forward_falls_back(cls, method):
     assert opt.curvature_for("head").name == "kfac"
     with pytest.raises(ValueError, match="has no curvature block"):
         opt.curvature_for(layer)
+
+
+@pytest.mark.parametrize("case", ["conv2dT_valid_s2", "depthwise1d_s2"])
+def test_exact_block_is_in_the_order_of_the_curvature_matrices(case):
+    """For blocks whose ``V`` permutes the parameters, the exact Fisher of
+    keras_kfac.fidelity (from the jacobian) is laid out like the curvature
+    matrices, ``vec(V)``: it equals the block built from the captured a, g."""
+    model, layer, x, y = make_problem(case, n=4)
+    exact = exact_fisher_block(model, layer, x, y, LOSS).numpy()
+    a, g = layer_ag(model, layer, x, y, LOSS)
+    assert rel(exact, fisher_from_ag(a, g)) < 1e-5
+
+
+def block_diag(blocks):
+    p = blocks[0].shape[0]
+    out = np.zeros((len(blocks) * p, len(blocks) * p))
+    for k, b in enumerate(blocks):
+        out[k * p : (k + 1) * p, k * p : (k + 1) * p] = b
+    return out
+
+
+@pytest.mark.parametrize("case", ["conv2d_groups_s2", "depthwise2d_m2"])
+def test_grouped_methods_match_brute_force(case):
+    """Grouped blocks treat the groups as separate blocks (as K-FAC treats
+    layers): each method that handles groups is, on each diagonal block
+    ``F_kk`` of the exact Fisher, what it is for one matrix."""
+    model, layer, x, y = make_problem(case, n=5)
+    block = block_for_layer(layer)
+    exact = exact_fisher_block(model, layer, x, y, LOSS).numpy().astype(np.float64)
+    p = block.a_dim * block.g_dim
+    diagonal_blocks = [exact[k * p : (k + 1) * p, k * p : (k + 1) * p] for k in range(block.groups)]
+    f = block_diag(diagonal_blocks)
+    a, g = layer_ag(model, layer, x, y, LOSS)
+    factors_a, factors_g = kfac_factors(a.astype(np.float64), g.astype(np.float64))
+
+    got = fitted_curvature("diagonal", model, layer, x, y, LOSS).matrix().numpy()
+    assert rel(got, np.diag(np.diag(f))) < 1e-5
+    ekfac = []
+    for fk, ak, gk in zip(diagonal_blocks, factors_a, factors_g):
+        q = np.kron(np.linalg.eigh(ak)[1], np.linalg.eigh(gk)[1])
+        ekfac.append(q @ np.diag(np.diag(q.T @ fk @ q)) @ q.T)
+    got = fitted_curvature("ekfac", model, layer, x, y, LOSS).matrix().numpy()
+    assert rel(got, block_diag(ekfac)) < 1e-3
+
+    v = np.random.default_rng(1).normal(size=(block.groups, block.a_dim, block.g_dim))
+    batch = layer_batch(model, layer, x, y, LOSS)
+    tengrad = curvature_lib.get("tengrad")(block).precondition(tf.constant(v, tf.float32), DAMPING, batch)
+    want = np.linalg.solve(f + DAMPING * np.eye(len(f)), v.ravel())
+    assert rel(tengrad.numpy().ravel(), want) < 1e-3
+    cgfac = curvature_lib.get("cgfac")(block, cg_max_iters=200, cg_tol=1e-7)
+    cgfac.build(lambda name, shape, initializer="zeros": tf.Variable(tf.zeros(shape)))
+    got = cgfac.precondition(tf.constant(v, tf.float32), DAMPING, batch).numpy().ravel()
+    kfac = block_diag([np.kron(ak, gk) for ak, gk in zip(factors_a, factors_g)])
+    assert rel(got, np.linalg.solve(kfac + DAMPING * np.eye(len(f)), v.ravel())) < 1e-3

@@ -18,7 +18,8 @@ class LayerBlock:
     #: e.g. scale-and-shift); None: the user's choice.
     fixed_curvature = None
     #: Independent weight groups (grouped/depthwise convolutions). With
-    #: ``groups > 1`` the Fisher block is block-diagonal over groups: ``a``,
+    #: ``groups > 1`` the block is block-diagonal over groups (each group's
+    #: weight matrix a Fisher block of its own): ``a``,
     #: ``g`` are ``(n, T, groups, a_dim)``, ``(n, T, groups, g_dim)`` and
     #: ``V`` is ``(groups, a_dim, g_dim)``, with ``a_dim``, ``g_dim`` per group.
     groups = 1

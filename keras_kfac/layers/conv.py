@@ -10,8 +10,9 @@ over a leading third one (Conv3D), a unit axis added for one spatial axis.
 That covers every stride, dilation and padding Keras allows.
 
 Grouped convolutions (``groups > 1``, depthwise) have one weight matrix per
-group, so the Fisher block is block-diagonal over groups and the block
-exposes a group axis: ``a`` of shape ``(n, T, groups, a_dim)`` and ``g`` of
+group; each group is its own Fisher block (block-diagonal over groups, as
+K-FAC is over layers: cross-group terms are dropped), and the block exposes
+a group axis: ``a`` of shape ``(n, T, groups, a_dim)`` and ``g`` of
 ``(n, T, groups, g_dim)``, ``V`` of ``(groups, a_dim, g_dim)``, with
 ``a_dim``, ``g_dim`` per group. Only the patches of a group's own input
 channels are formed, never a mostly-zero block-diagonal ``g``.
@@ -33,10 +34,6 @@ def _size(x, axis):
 
 def _max0(v):
     return max(v, 0) if isinstance(v, int) else tf.maximum(v, 0)
-
-
-def _static(v):
-    return v if isinstance(v, int) else None
 
 
 def same_padding(size, effective, stride):
@@ -110,7 +107,7 @@ def extract_patches(x, kernel_size, strides, dilation, padding="valid"):
     out = (depth - (kd - 1) * dd - 1) // sd + 1
     slices = [planes[:, j * dd : j * dd + (out - 1) * sd + 1 : sd] for j in range(kd)]
     p = tf.stack(slices, axis=4)
-    return tf.reshape(p, [n, _static(out) or tf.shape(p)[1], p.shape[2], p.shape[3], -1])
+    return tf.reshape(p, [n] + [_size(p, i) for i in (1, 2, 3)] + [kd * planes.shape[-1]])
 
 
 def flatten_locations(x):
