@@ -192,7 +192,7 @@ class ConvolutionBlock(LayerBlock):
             return [kernel, tf.reshape(v[:, rows], (-1,))]
         return [kernel]
 
-    def _patches(self, inputs):
+    def _locations(self, inputs):
         x = channels_last(inputs, self.channels_first)
         layer = self.layer
         patches = extract_patches(x, layer.kernel_size, layer.strides, layer.dilation_rate, layer.padding)
@@ -224,9 +224,6 @@ class ConvBlock(ConvolutionBlock):
         super().__init__(layer)
         self._set_groups(layer.groups, self.kernel_shape[-2], self.kernel_shape[-1])
 
-    def _locations(self, inputs):
-        return self._patches(inputs)
-
 
 @register_block
 class DepthwiseConvBlock(ConvolutionBlock):
@@ -243,7 +240,4 @@ class DepthwiseConvBlock(ConvolutionBlock):
         super().__init__(layer)
         channels, multiplier = self.kernel_shape[-2:]
         self._set_groups(channels, 1, channels * multiplier)
-
-    def _locations(self, inputs):
-        return self._patches(inputs)
 
