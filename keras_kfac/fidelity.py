@@ -48,16 +48,43 @@ def per_example_gradients(model, layer, x, y, loss):
     layer = _layer(model, layer)
     fn = per_example_loss_fn(loss)
     params = block_for_layer(layer).variables
-    with tf.GradientTape() as tape:
+    with tf.GradientTape(persistent=True) as tape:
         losses = tf.reshape(fn(y, model(x, training=False)), (-1,))
-    jac = tape.jacobian(losses, params)
+    # TF's vectorized jacobian (TF 2.21) is wrong through grouped
+    # convolutions (every kernel gradient that flows through one) and fails
+    # on some ops (BiasAddGrad of channels_first layers); the loop over
+    # examples is right for both.
+    grouped = any(
+        getattr(l, "groups", 1) > 1 for l in model._flatten_layers(include_self=False, recursive=True)
+    )
+    try:
+        jac = tape.jacobian(losses, params, experimental_use_pfor=not grouped)
+    except ValueError:
+        jac = tape.jacobian(losses, params, experimental_use_pfor=False)
     n = int(losses.shape[0])
     return tf.concat([tf.reshape(tf.cast(j, tf.float32), (n, -1)) for j in jac], axis=1)
 
 
+def matrix_order(block, u):
+    """Per-example gradients ``(n, P)`` in parameter order -> in the order
+    of ``vec(block.to_matrix(...))``, that of the curvature matrices (the
+    same for Dense and Conv; a permutation for transposed and grouped
+    convolutions)."""
+    sizes = [int(np.prod(v.shape)) for v in block.variables]
+    shapes = [tuple(v.shape) for v in block.variables]
+
+    def one(row):
+        parts = [tf.reshape(p, s) for p, s in zip(tf.split(row, sizes), shapes)]
+        return tf.reshape(block.to_matrix(parts), (-1,))
+
+    return tf.map_fn(one, u)
+
+
 def exact_fisher_block(model, layer, x, y, loss):
-    """``F = (1/n) sum_i u_i u_i^T`` of ``layer``, shape (P, P)."""
-    u = per_example_gradients(model, layer, x, y, loss)
+    """``F = (1/n) sum_i u_i u_i^T`` of ``layer``, shape (P, P), in the order
+    of the curvature matrices (:func:`matrix_order`)."""
+    layer = _layer(model, layer)
+    u = matrix_order(block_for_layer(layer), per_example_gradients(model, layer, x, y, loss))
     return tf.matmul(u, u, transpose_a=True) / tf.cast(tf.shape(u)[0], tf.float32)
 
 

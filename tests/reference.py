@@ -19,15 +19,20 @@ def layer_ag(model, layer, x, y, loss):
 
 
 def kfac_factors(a, g):
-    """K-FAC/KFC ``A = (1/n) sum a a^T``, ``G = (1/(nT)) sum g g^T``."""
+    """K-FAC/KFC ``A = (1/n) sum a a^T``, ``G = (1/(nT)) sum g g^T``; for
+    grouped ``a``, ``g`` of (n, T, groups, d), one pair per group, stacked."""
+    if a.ndim == 4:
+        pairs = [kfac_factors(a[:, :, k], g[:, :, k]) for k in range(a.shape[2])]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
     n, t = a.shape[0], a.shape[1]
     a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
     return a2.T @ a2 / n, g2.T @ g2 / (n * t)
 
 
 def fisher_from_ag(a, g):
-    """``(1/n) sum_i vec(U_i) vec(U_i)^T``, ``U_i = sum_t a_t g_t^T``."""
-    u = np.einsum("nta,ntg->nag", a, g).reshape(a.shape[0], -1)
+    """``(1/n) sum_i vec(U_i) vec(U_i)^T``, ``U_i = sum_t a_t g_t^T`` (one
+    per group for grouped ``a``, ``g``: vec over (group, a, g))."""
+    u = np.einsum("nt...a,nt...g->n...ag", a, g).reshape(a.shape[0], -1)
     return u.T @ u / a.shape[0]
 
 

@@ -25,6 +25,8 @@ A per-layer choice is also accepted by the optimizer:
 ``KFAC(curvature={"dense_1": "tengrad", "default": "kfac"})``.
 """
 
+import math
+
 import tensorflow as tf
 
 from keras_kfac.curvature.base import Curvature
@@ -36,7 +38,7 @@ MAX_BATCH = 1 << 16
 
 
 def _locations(block):
-    """Output locations T of a Conv2D block (1 for Dense), when static."""
+    """Output locations T of a convolution block (1 for Dense), when static."""
     layer = block.layer
     if not hasattr(layer, "kernel_size"):
         return 1
@@ -44,11 +46,10 @@ def _locations(block):
         shape = layer.compute_output_shape(layer.input.shape)
     except (AttributeError, ValueError):
         return None
-    if layer.data_format == "channels_first":
-        h, w = shape[2], shape[3]
-    else:
-        h, w = shape[1], shape[2]
-    return None if h is None or w is None else int(h) * int(w)
+    spatial = shape[2:] if layer.data_format == "channels_first" else shape[1:-1]
+    if any(d is None for d in spatial):
+        return None
+    return math.prod(int(d) for d in spatial)
 
 
 def woodbury_cost(n, da, dg, t):
@@ -79,6 +80,7 @@ def crossover(da, dg, t, inverse_every, stats_every=1):
 
 class Auto(Curvature):
     name = "auto"
+    supports_groups = True
 
     def __init__(
         self,

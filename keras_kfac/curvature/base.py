@@ -102,18 +102,34 @@ def locations(x):
 
 
 def factor_a(a):
-    """``A = (1/n) sum_i sum_t a_bar a_bar^T`` (KFC: summed over locations)."""
-    return tf.einsum("nti,ntj->ij", a, a) / batch_size(a)
+    """``A = (1/n) sum_i sum_t a_bar a_bar^T`` (KFC: summed over locations);
+    one per group for grouped blocks."""
+    return tf.einsum("nt...i,nt...j->...ij", a, a) / batch_size(a)
 
 
 def factor_g(g):
-    """``G = (1/(n T)) sum_i sum_t g g^T`` (KFC: averaged over locations)."""
-    return tf.einsum("nti,ntj->ij", g, g) / (batch_size(g) * locations(g))
+    """``G = (1/(n T)) sum_i sum_t g g^T`` (KFC: averaged over locations);
+    one per group for grouped blocks."""
+    return tf.einsum("nt...i,nt...j->...ij", g, g) / (batch_size(g) * locations(g))
 
 
 def per_example_gradients(a, g):
-    """``U_i = sum_t a_bar_{i,t} g_{i,t}^T``, shape ``(n, a_dim, g_dim)``."""
-    return tf.einsum("nta,ntg->nag", a, g)
+    """``U_i = sum_t a_bar_{i,t} g_{i,t}^T``, shape ``(n, a_dim, g_dim)``
+    (grouped: ``(n, groups, a_dim, g_dim)``)."""
+    return tf.einsum("nt...a,nt...g->n...ag", a, g)
+
+
+def group_shape(block):
+    """Leading shape of the block's per-group state: ``()`` or ``(groups,)``."""
+    return (block.groups,) if block.groups > 1 else ()
+
+
+def grouped_names(block, factors):
+    """``factors`` keyed ``"<name>_per_group"`` for a grouped block: the
+    per-layer diagnostics read ``"A"``/``"G"`` as single matrices."""
+    if block.groups == 1:
+        return factors
+    return {f"{name}_per_group": value for name, value in factors.items()}
 
 
 class NoDenseMatrixError(ValueError):
@@ -136,6 +152,9 @@ class Curvature(abc.ABC):
     #: Whether the method works with a block whose ``A``/``G`` is kept as
     #: its diagonal (``block.a_is_diagonal`` / ``g_is_diagonal``).
     supports_diagonal_factors: bool = False
+    #: True when the method handles grouped blocks (``block.groups > 1``:
+    #: factors and ``V`` with a leading group axis).
+    supports_groups: bool = False
 
     def __init__(self, block, damping_mode="factored", stats_every=10, inverse_every=20):
         # ``stats_every``/``inverse_every`` are the optimizer's cadence, given
@@ -148,6 +167,14 @@ class Curvature(abc.ABC):
             raise ValueError(
                 f"curvature={self.name!r} cannot use layer {block.name!r}: its block keeps a "
                 f"diagonal Kronecker factor ({block.structure()}); use curvature='kfac' for it."
+            )
+        if block.groups > 1 and not self.supports_groups:
+            able = sorted({c.name for c in _subclasses(Curvature) if c.supports_groups and c.name})
+            raise ValueError(
+                f"curvature={self.name!r} does not handle the grouped layer {block.name!r} "
+                f"({type(block.layer).__name__}, {block.groups} weight groups: a block-diagonal "
+                f"Fisher). Methods that do: {', '.join(able)}; choose one for this layer, e.g. "
+                f"KFAC(curvature={{{block.name!r}: 'kfac', 'default': {self.name!r}}})."
             )
         self.block = block
         self.damping_mode = damping_mode
@@ -234,3 +261,9 @@ class CurrentBatchCurvature(Curvature):
         raise NoDenseMatrixError(
             f"curvature={self.name!r} keeps no Fisher block: {self.no_matrix_reason}"
         )
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)

@@ -15,11 +15,12 @@ against 4 d^2 floats, and no O(d^3) inversion. Cost per iteration:
 """
 
 from keras_kfac.curvature import factors as F
-from keras_kfac.curvature.base import CurrentBatchCurvature
+from keras_kfac.curvature.base import CurrentBatchCurvature, group_shape
 
 
 class CGFAC(CurrentBatchCurvature):
     name = "cgfac"
+    supports_groups = True
     no_matrix_reason = (
         "it works matrix-free from the current batch. Its matrix is kron(A, G) of "
         "that batch (curvature='kfac' with stats_decay=0)."
@@ -31,7 +32,7 @@ class CGFAC(CurrentBatchCurvature):
         self.tol = float(cg_tol)
 
     def build(self, add_variable):
-        self.solution = add_variable("cg_solution", (self.block.a_dim, self.block.g_dim))
+        self.solution = add_variable("cg_solution", group_shape(self.block) + (self.block.a_dim, self.block.g_dim))
 
     def precondition(self, v, damping, batch=None):
         a, g = batch.a(), batch.g()

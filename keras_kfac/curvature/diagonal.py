@@ -7,14 +7,15 @@ the exact damped inverse (``damping_mode`` does not apply)."""
 import tensorflow as tf
 
 from keras_kfac.curvature import factors as F
-from keras_kfac.curvature.base import Curvature
+from keras_kfac.curvature.base import Curvature, group_shape
 
 
 class Diagonal(Curvature):
     name = "diagonal"
+    supports_groups = True
 
     def build(self, add_variable):
-        self.s = add_variable("diagonal", (self.block.a_dim, self.block.g_dim))
+        self.s = add_variable("diagonal", group_shape(self.block) + (self.block.a_dim, self.block.g_dim))
 
     def update_statistics(self, batch, decay):
         return F.running_average(self.s, F.gradient_second_moment(batch.a(), batch.g()), decay)

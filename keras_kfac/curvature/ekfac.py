@@ -24,6 +24,7 @@ at the first refresh, when there is no old basis, s starts at K-FAC's
 import tensorflow as tf
 
 from keras_kfac.curvature import factors as F
+from keras_kfac.curvature.base import group_shape, grouped_names
 from keras_kfac.curvature.kfac import KroneckerFactors
 
 
@@ -32,26 +33,26 @@ class EKFAC(KroneckerFactors):
 
     def build(self, add_variable):
         super().build(add_variable)
-        da, dg = self.block.a_dim, self.block.g_dim
-        self.qa = add_variable("A_eigenvectors", (da, da))
-        self.qg = add_variable("G_eigenvectors", (dg, dg))
-        self.s = add_variable("scaling", (da, dg))
+        da, dg, gs = self.block.a_dim, self.block.g_dim, group_shape(self.block)
+        self.qa = add_variable("A_eigenvectors", gs + (da, da))
+        self.qg = add_variable("G_eigenvectors", gs + (dg, dg))
+        self.s = add_variable("scaling", gs + (da, dg))
         self.has_basis = add_variable("has_basis", ())
 
     def update_statistics(self, batch, decay):
         a, g = batch.a(), batch.g()
         super().update_statistics(batch, decay)
-        s = F.gradient_second_moment(a @ self.qa, g @ self.qg)
+        s = F.gradient_second_moment(F.project(a, self.qa), F.project(g, self.qg))
         return F.running_average(self.s, s, decay)
 
     def refresh(self, damping):
         ok = F.all_finite(self.a) & F.all_finite(self.g)
         sa, qa = F.safe_eigh(self.a)
         sg, qg = F.safe_eigh(self.g)
-        ra = tf.square(tf.transpose(qa) @ self.qa)
-        rg = tf.square(tf.transpose(qg) @ self.qg)
-        carried = ra @ self.s @ tf.transpose(rg)
-        s = tf.where(self.has_basis > 0.0, carried, sa[:, None] * sg[None, :])
+        ra = tf.square(F.transpose(qa) @ self.qa)
+        rg = tf.square(F.transpose(qg) @ self.qg)
+        carried = ra @ self.s @ F.transpose(rg)
+        s = tf.where(self.has_basis > 0.0, carried, sa[..., :, None] * sg[..., None, :])
         for var, value in ((self.qa, qa), (self.qg, qg), (self.s, s)):
             var.assign(tf.where(ok, value, var))
         self.has_basis.assign(tf.where(ok, 1.0, self.has_basis))
@@ -68,4 +69,4 @@ class EKFAC(KroneckerFactors):
         return q @ tf.linalg.diag(tf.reshape(self.s, (-1,))) @ tf.transpose(q)
 
     def factors(self):
-        return {"A": self.a, "G": self.g, "scaling": self.s}
+        return grouped_names(self.block, {"A": self.a, "G": self.g, "scaling": self.s})

@@ -1,6 +1,9 @@
 """Factor math shared by the Kronecker-factored curvature methods.
 
-Small pure functions; each names the equation it implements.
+Small pure functions; each names the equation it implements. Factors may
+carry leading batch axes (one factor per weight group of a grouped block,
+:attr:`keras_kfac.layers.base.LayerBlock.groups`); the matrix functions act
+on the last two axes.
 """
 
 import tensorflow as tf
@@ -26,17 +29,27 @@ def assign_if_finite(variable, value):
     return ok
 
 
+def transpose(m):
+    """Transpose of the last two axes."""
+    return tf.linalg.matrix_transpose(m)
+
+
 def symmetrize(m):
     """``(M + M^T) / 2`` of a matrix or of a stack of matrices (last two axes)."""
-    return 0.5 * (m + tf.linalg.matrix_transpose(m))
+    return 0.5 * (m + transpose(m))
+
+
+def eye_like(m):
+    """Identities of ``m``'s shape (one per leading index)."""
+    return tf.broadcast_to(tf.eye(tf.shape(m)[-1], dtype=m.dtype), tf.shape(m))
 
 
 def mean_eigenvalue(m):
-    """``tr(M) / dim`` of a factor stored dense ``(d, d)`` or as its
-    diagonal ``(d,)``."""
+    """``tr(M) / dim`` of a factor stored dense ``(..., d, d)`` (one per
+    leading group index) or, ungrouped, as its diagonal ``(d,)``."""
     if m.shape.rank == 1:
         return tf.reduce_mean(m)
-    return tf.linalg.trace(m) / tf.cast(tf.shape(m)[0], m.dtype)
+    return tf.linalg.trace(m) / tf.cast(tf.shape(m)[-1], m.dtype)
 
 
 def as_dense(m):
@@ -45,12 +58,14 @@ def as_dense(m):
 
 
 def damped_inverse(m, damping):
-    """``(M + damping I)^-1`` by Cholesky. Non-PD input yields NaN (not an
-    exception) on every TF device and under XLA; callers check finiteness."""
-    if m.shape.rank == 1:  # a diagonal factor: exact, O(d)
+    """``(M + damping I)^-1`` by Cholesky (``damping``: a scalar or one per
+    leading index of ``m``; a diagonal factor ``(d,)`` exactly in O(d)).
+    Non-PD input yields NaN (not an exception) on every TF device and under
+    XLA; callers check finiteness."""
+    if m.shape.rank == 1:
         return 1.0 / (m + damping)
-    dim = tf.shape(m)[0]
-    eye = tf.eye(dim, dtype=m.dtype)
+    eye = eye_like(m)
+    damping = tf.convert_to_tensor(damping, m.dtype)[..., None, None]
     chol = tf.linalg.cholesky(symmetrize(m) + damping * eye)
     return symmetrize(tf.linalg.cholesky_solve(chol, eye))
 
@@ -63,7 +78,7 @@ def safe_eigh(m):
     through :func:`all_finite` on ``m`` and keeps its previous state.
     """
     ok = all_finite(m)
-    safe = tf.where(ok, symmetrize(m), tf.eye(tf.shape(m)[0], dtype=m.dtype))
+    safe = tf.where(ok, symmetrize(m), eye_like(m))
     evals, evecs = tf.linalg.eigh(safe)
     return tf.maximum(evals, 0.0), evecs
 
@@ -85,21 +100,39 @@ def factored_damping(a, g, damping):
 
 
 def kron(a, g):
-    """Dense ``kron(A, G)`` (parameter index = a-index major, g-index minor)."""
-    da, dg = tf.shape(a)[0], tf.shape(g)[0]
-    return tf.reshape(tf.einsum("ij,kl->ikjl", a, g), (da * dg, da * dg))
+    """Dense ``kron(A, G)`` (parameter index = a-index major, g-index minor);
+    for grouped factors ``(groups, d, d)``, the block-diagonal matrix of the
+    groups' products (parameter index = group major)."""
+    da, dg = a.shape[-1], g.shape[-1]
+    k = tf.reshape(tf.einsum("...ij,...kl->...ikjl", a, g), (-1, da * dg, da * dg))
+    return block_diagonal(k) if len(a.shape) == 3 else k[0]
+
+
+def block_diagonal(blocks):
+    """``(groups, p, p) -> (groups * p, groups * p)`` block-diagonal."""
+    groups, p = blocks.shape[0], blocks.shape[-1]
+    dense = tf.einsum("kij,kl->kilj", blocks, tf.eye(groups, dtype=blocks.dtype))
+    return tf.reshape(dense, (groups * p, groups * p))
+
+
+def project(x, q):
+    """``x`` (rows ``(..., d)`` with an optional group axis before ``d``)
+    times ``q`` (``(d, e)``, or one per group ``(groups, d, e)``)."""
+    if len(q.shape) == 2:
+        return x @ q
+    return tf.einsum("ntki,kij->ntkj", x, q)
 
 
 def kronecker_apply(left, v, right):
     """``kron(L, R) vec_row(V) = vec_row(L V R^T)``."""
-    return left @ v @ tf.transpose(right)
+    return left @ v @ transpose(right)
 
 
 def eigenbasis_solve(v, qa, qg, scale):
     """``Qa [(Qa^T V Qg) / scale] Qg^T``: the inverse of a matrix that is
     diagonal (``scale``, shape ``(a_dim, g_dim)``) in the Kronecker eigenbasis
     ``kron(Qa, Qg)`` (K-FAC eigen damping, EKFAC)."""
-    return qa @ ((tf.transpose(qa) @ v @ qg) / scale) @ tf.transpose(qg)
+    return qa @ ((transpose(qa) @ v @ qg) / scale) @ transpose(qg)
 
 
 def kronecker_solve(v, left, right, eigenvalues=None, damping=None):
@@ -147,13 +180,18 @@ def kronecker_solve(v, left, right, eigenvalues=None, damping=None):
 # --- per-example gradients, matrix-free -------------------------------------
 # ``a``: (n, T, a_dim) homogeneous inputs, ``g``: (n, T, g_dim) per-example
 # output gradients; U_i = sum_t a_{i,t} g_{i,t}^T (Dense: T = 1). The exact
-# block is F = (1/n) sum_i vec(U_i) vec(U_i)^T.
+# block is F = (1/n) sum_i vec(U_i) vec(U_i)^T. Grouped blocks: ``a``, ``g``
+# of (n, T, groups, d), one U_i per group, F block-diagonal over groups.
 
 
 def _single_location(a):
     """True when the location axis is statically 1 (Dense): U_i = a_i g_i^T
     is then never formed."""
-    return a.shape[1] == 1
+    return a.shape[1] == 1 and len(a.shape) == 3
+
+
+def _grouped(a):
+    return len(a.shape) == 4
 
 
 def gradient_second_moment(a, g):
@@ -165,21 +203,27 @@ def gradient_second_moment(a, g):
     n = tf.cast(tf.shape(a)[0], a.dtype)
     if _single_location(a):
         return tf.matmul(tf.square(a[:, 0]), tf.square(g[:, 0]), transpose_a=True) / n
-    u = tf.einsum("nta,ntg->nag", a, g)
+    u = tf.einsum("nt...a,nt...g->n...ag", a, g)
     return tf.reduce_mean(tf.square(u), axis=0)
 
 
 def gradient_inner(a, g, v):
-    """``(U vec(V))_i = <U_i, V> = sum_t a_{i,t}^T V g_{i,t}``, shape (n,).
+    """``(U vec(V))_i = <U_i, V> = sum_t a_{i,t}^T V g_{i,t}``, shape (n,)
+    (grouped: (groups, n)).
 
     Written as ``(a V) . g``: cost ``n T a_dim g_dim``, and no intermediate
     larger than ``g``, whatever order an einsum would choose."""
+    if _grouped(a):
+        return tf.transpose(tf.reduce_sum(project(a, v) * g, axis=(1, 3)))
     return tf.reduce_sum(tf.matmul(a, v) * g, axis=(1, 2))
 
 
 def gradient_combination(a, g, c):
     """``U^T c = sum_i c_i U_i = A_bar^T diag(c) G``, shape (a_dim, g_dim):
-    one matmul over all (example, location) rows."""
+    one matmul over all (example, location) rows. Grouped: ``c`` of
+    (groups, n), result (groups, a_dim, g_dim)."""
+    if _grouped(a):
+        return tf.einsum("ntka,kn,ntkg->kag", a, c, g)
     weighted = tf.reshape(a * c[:, None, None], (-1, a.shape[-1]))
     return tf.matmul(weighted, tf.reshape(g, (-1, g.shape[-1])), transpose_a=True)
 
@@ -194,7 +238,12 @@ def gradient_gram(a, g):
     the static shapes (location Grams when ``T^2 (a_dim + g_dim) < a_dim
     g_dim``). With T unknown, U is formed: its memory is bounded by the
     layer's size, that of the location Grams (n^2 T^2) is not.
+    Grouped: one Gram per group from the formed U, (groups, n, n).
     """
+    if _grouped(a):
+        u = tf.einsum("ntka,ntkg->knag", a, g)
+        u = tf.reshape(u, (a.shape[2], tf.shape(a)[0], a.shape[-1] * g.shape[-1]))
+        return tf.matmul(u, u, transpose_b=True)
     if _single_location(a):
         a2, g2 = a[:, 0], g[:, 0]
         return tf.matmul(a2, a2, transpose_b=True) * tf.matmul(g2, g2, transpose_b=True)
@@ -214,17 +263,23 @@ def woodbury_solve(a, g, v, damping):
     n = tf.shape(a)[0]
     nf = tf.cast(n, v.dtype)
     gram = symmetrize(gradient_gram(a, g)) + nf * damping * tf.eye(n, dtype=v.dtype)
-    rhs = gradient_inner(a, g, v)[:, None]
-    c = tf.linalg.cholesky_solve(tf.linalg.cholesky(gram), rhs)[:, 0]
+    rhs = gradient_inner(a, g, v)[..., None]
+    c = tf.linalg.cholesky_solve(tf.linalg.cholesky(gram), rhs)[..., 0]
     return (v - gradient_combination(a, g, c)) / damping
 
 
 def kronecker_matvec(a, g, v):
     """``kron(A, G) vec(V) = A V G`` with ``A = (1/n) A_bar^T A_bar``,
     ``G = (1/(nT)) G_mat^T G_mat`` never formed (Chen 2021, sec. 3): four
-    products of cost ``nT a_dim g_dim``."""
+    products of cost ``nT a_dim g_dim`` (per group for grouped blocks)."""
     n = tf.cast(tf.shape(a)[0], v.dtype)
     t = tf.cast(tf.shape(a)[1], v.dtype)
+    if _grouped(a):
+        a2 = tf.reshape(a, (-1,) + tuple(a.shape[2:]))
+        g2 = tf.reshape(g, (-1,) + tuple(g.shape[2:]))
+        av = tf.einsum("mka,mkg->kag", a2, tf.einsum("mka,kag->mkg", a2, v)) / n
+        avg = tf.einsum("kag,mkg->mka", av, g2)
+        return tf.einsum("mka,mkh->kah", avg, g2) / (n * t)
     a2 = tf.reshape(a, (-1, a.shape[-1]))
     g2 = tf.reshape(g, (-1, g.shape[-1]))
     av = tf.matmul(a2, tf.matmul(a2, v), transpose_a=True) / n

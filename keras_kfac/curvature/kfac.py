@@ -27,7 +27,7 @@ memory is ``O(d)``. An embedding's row-sparse gradient stays sparse.
 import tensorflow as tf
 
 from keras_kfac.curvature import factors as F
-from keras_kfac.curvature.base import Curvature
+from keras_kfac.curvature.base import Curvature, group_shape, grouped_names
 
 #: Factor by which a failed refresh raises its layer's damping multiplier.
 DAMPING_RAISE = 10.0
@@ -36,15 +36,18 @@ DAMPING_RAISE = 10.0
 class KroneckerFactors(Curvature):
     """Running averages of ``A`` and ``G``; shared by methods built on them."""
 
+    supports_groups = True
+
     def build(self, add_variable):
         self.a = self._add_factor(add_variable, "A", self.block.a_dim, self.block.a_is_diagonal)
         self.g = self._add_factor(add_variable, "G", self.block.g_dim, self.block.g_is_diagonal)
 
-    @staticmethod
-    def _add_factor(add_variable, name, dim, diagonal):
+    def _add_factor(self, add_variable, name, dim, diagonal):
+        # Grouped blocks keep one factor per group (never diagonal: the size
+        # guard applies to ungrouped blocks).
         if diagonal:
             return add_variable(f"{name}_diagonal", (dim,))
-        return add_variable(name, (dim, dim))
+        return add_variable(name, group_shape(self.block) + (dim, dim))
 
     def update_statistics(self, batch, decay):
         F.running_average(self.a, batch.factor_a(), decay)
@@ -56,7 +59,7 @@ class KroneckerFactors(Curvature):
     def factors(self):
         a = "A_diagonal" if self.block.a_is_diagonal else "A"
         g = "G_diagonal" if self.block.g_is_diagonal else "G"
-        return {a: self.a, g: self.g}
+        return grouped_names(self.block, {a: self.a, g: self.g})
 
 
 class KFAC(KroneckerFactors):
@@ -66,16 +69,16 @@ class KFAC(KroneckerFactors):
     def build(self, add_variable):
         super().build(add_variable)
         block = self.block
-        da, dg = block.a_dim, block.g_dim
+        da, dg, gs = block.a_dim, block.g_dim, group_shape(block)
         if self.damping_mode == "factored":
             self.a_inverse = self._add_factor(add_variable, "A_inverse", da, block.a_is_diagonal)
             self.g_inverse = self._add_factor(add_variable, "G_inverse", dg, block.g_is_diagonal)
         else:
             # A diagonal factor is its own eigenvalues (identity eigenbasis).
-            self.a_evecs = None if block.a_is_diagonal else add_variable("A_eigenvectors", (da, da))
-            self.a_evals = add_variable("A_eigenvalues", (da,))
-            self.g_evecs = None if block.g_is_diagonal else add_variable("G_eigenvectors", (dg, dg))
-            self.g_evals = add_variable("G_eigenvalues", (dg,))
+            self.a_evecs = None if block.a_is_diagonal else add_variable("A_eigenvectors", gs + (da, da))
+            self.a_evals = add_variable("A_eigenvalues", gs + (da,))
+            self.g_evecs = None if block.g_is_diagonal else add_variable("G_eigenvectors", gs + (dg, dg))
+            self.g_evals = add_variable("G_eigenvalues", gs + (dg,))
         self.multiplier = add_variable("damping_multiplier", (), initializer="ones")
 
     def refresh(self, damping):
@@ -122,7 +125,12 @@ class KFAC(KroneckerFactors):
 
     def precondition(self, v, damping, batch=None):
         if self.damping_mode == "factored":
+            if self.block.groups > 1:
+                return self.a_inverse @ v @ self.g_inverse
             return F.kronecker_solve(v, self.a_inverse, self.g_inverse)
+        if self.block.groups > 1:
+            scale = self.a_evals[..., :, None] * self.g_evals[..., None, :] + damping * self.multiplier
+            return F.eigenbasis_solve(v, self.a_evecs, self.g_evecs, scale)
         return F.kronecker_solve(
             v,
             self.a_evecs,

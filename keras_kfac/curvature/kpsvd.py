@@ -21,6 +21,7 @@ from keras_kfac.curvature.kfac import KFAC
 class KPSVD(BlockPower, KFAC):
     name = "kpsvd"
     rank = 1
+    supports_groups = False
 
     def update_statistics(self, batch, decay):
         op = F.RearrangedFisher(batch.a(), batch.g(), 1.0 - decay, [(decay, self.a, self.g)])

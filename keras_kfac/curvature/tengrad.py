@@ -24,6 +24,7 @@ from keras_kfac.curvature.base import CurrentBatchCurvature
 
 class TENGraD(CurrentBatchCurvature):
     name = "tengrad"
+    supports_groups = True
     no_matrix_reason = (
         "it solves exactly with the current batch's per-example gradients. Use "
         "keras_kfac.fidelity.exact_fisher_block for that batch's matrix."

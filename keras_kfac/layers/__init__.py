@@ -15,13 +15,18 @@ kernel order, so ``vec_row(V)`` is the parameter vector of the conventions).
 
 from keras_kfac.layers.base import (
     LayerBlock,
+    block_class_for_layer,
     block_for_layer,
     blocks_for_layer,
+    register_block,
     unsupported_reason,
 )
-from keras_kfac.layers.conv2d import Conv2DBlock
-from keras_kfac.layers.dense import DenseBlock
 from keras_kfac.layers import normalization
+from keras_kfac.layers.conv import ConvBlock, DepthwiseConvBlock
+from keras_kfac.layers.conv_transpose import ConvTransposeBlock
+from keras_kfac.layers.dense import DenseBlock
+from keras_kfac.layers.einsum_dense import EinsumDenseBlock
+from keras_kfac.layers.embedding import EmbeddingBlock
 from keras_kfac.layers.normalization import (
     BatchNormalizationBlock,
     GroupNormalizationBlock,
@@ -29,13 +34,15 @@ from keras_kfac.layers.normalization import (
     ScaleAndShiftBlock,
 )
 from keras_kfac.layers.recurrent import GRUBiasBlock, RNNKernelBlock, RNNRecurrentKernelBlock
-from keras_kfac.layers.einsum_dense import EinsumDenseBlock
-from keras_kfac.layers.embedding import EmbeddingBlock
+from keras_kfac.layers.separable import SeparableConvBlock
 
 __all__ = [
     "LayerBlock",
     "DenseBlock",
-    "Conv2DBlock",
+    "ConvBlock",
+    "DepthwiseConvBlock",
+    "ConvTransposeBlock",
+    "SeparableConvBlock",
     "ScaleAndShiftBlock",
     "LayerNormalizationBlock",
     "BatchNormalizationBlock",
@@ -45,8 +52,10 @@ __all__ = [
     "GRUBiasBlock",
     "EinsumDenseBlock",
     "EmbeddingBlock",
+    "block_class_for_layer",
     "block_for_layer",
     "blocks_for_layer",
+    "register_block",
     "unsupported_reason",
 ]
 if hasattr(normalization, "RMSNormalizationBlock"):

@@ -16,7 +16,7 @@ BLOCK_OPTIONS = ("weight_sharing", "max_factor_dim")
 
 
 class LayerBlock:
-    """One Dense/Conv2D layer seen as a Kronecker-factored Fisher block.
+    """One supported layer seen as a Kronecker-factored Fisher block.
 
     Subclasses implement ``_locations`` (inputs -> ``(n, T, d_in)`` rows of
     the kernel's input side) and ``_output_locations`` (pre-activation
@@ -42,6 +42,15 @@ class LayerBlock:
     #: how the Kronecker factors treat the locations, see
     #: :meth:`keras_kfac.curvature.base.LayerBatch.factor_a`.
     weight_sharing = "expand"
+    #: Independent weight groups (grouped/depthwise convolutions). With
+    #: ``groups > 1`` the block is block-diagonal over groups (each group's
+    #: weight matrix a Fisher block of its own): ``a``,
+    #: ``g`` are ``(n, T, groups, a_dim)``, ``(n, T, groups, g_dim)`` and
+    #: ``V`` is ``(groups, a_dim, g_dim)``, with ``a_dim``, ``g_dim`` per group.
+    groups = 1
+    #: Methods a subclass of a supported layer may not override and keep the
+    #: block (they compute what the block assumes).
+    forward_methods = ("call",)
 
     def __init__(self, layer):
         self.layer = layer
@@ -64,7 +73,7 @@ class LayerBlock:
 
     @property
     def num_parameters(self):
-        return self.a_dim * self.g_dim
+        return self.groups * self.a_dim * self.g_dim
 
     def activations(self, inputs):
         """Homogeneous inputs ``a_bar``, float32, shape ``(n, T, a_dim)``."""
@@ -159,7 +168,7 @@ class LayerBlock:
 
 
 _BLOCK_TYPES = []
-#: Exact layer classes that have a block (subclasses may change the forward).
+#: Layer classes that have a block (subclasses get it if they keep its math).
 SUPPORTED_LAYER_TYPES = set()
 
 
@@ -169,25 +178,44 @@ def register_block(cls):
     return cls
 
 
+def _registered(layer):
+    """``(block class, supported base class)`` of the nearest supported class
+    in ``type(layer)``'s MRO, or ``(None, None)``."""
+    for base in type(layer).__mro__:
+        for cls in _BLOCK_TYPES:
+            if base in cls.layer_types:
+                return cls, base
+    return None, None
+
+
+def _overridden(layer, cls, base):
+    """The first of ``cls.forward_methods`` that ``type(layer)`` defines
+    differently from the supported ``base`` (None if it keeps them all)."""
+    for name in cls.forward_methods:
+        if getattr(type(layer), name, None) is not getattr(base, name, None):
+            return name
+    return None
+
+
 def unsupported_reason(layer):
     """Why ``layer`` gets no curvature block (None when it gets one)."""
-    for cls in _BLOCK_TYPES:
-        if type(layer) in cls.layer_types:
-            return cls.unsupported_reason(layer)
-        if isinstance(layer, cls.layer_types):
-            return (
-                f"subclass {type(layer).__name__} of "
-                f"{cls.layer_types[0].__name__} may change the forward pass"
-            )
-    return "layer type has no curvature block"
+    cls, base = _registered(layer)
+    if cls is None:
+        return "layer type has no curvature block"
+    method = _overridden(layer, cls, base)
+    if method is not None:
+        return f"subclass {type(layer).__name__} overrides {method}"
+    return cls.unsupported_reason(layer)
 
 
 def block_class_for_layer(layer):
-    """The block class for ``layer``'s type (None when it has none)."""
-    for cls in _BLOCK_TYPES:
-        if type(layer) in cls.layer_types:
-            return cls
-    return None
+    """The block class for ``layer`` (None when it has none): that of its
+    type, or of the nearest supported base class when ``layer``'s class does
+    not override the methods the block's math depends on."""
+    cls, base = _registered(layer)
+    if cls is None or _overridden(layer, cls, base) is not None:
+        return None
+    return cls
 
 
 def block_for_layer(layer, **options):
@@ -225,18 +253,20 @@ def blocks_for_layer(
       matter less than the output side's. ``G`` gets the same treatment when
       ``g_dim`` exceeds the limit (e.g. a language model's vocabulary head).
     """
-    for cls in _BLOCK_TYPES:
-        if type(layer) in cls.layer_types and cls.unsupported_reason(layer) is None:
-            blocks = cls.blocks_for(layer)
-            for block in blocks:
-                _configure(block, layer, model, weight_sharing, max_factor_dim)
-            return blocks
-    return []
+    cls = block_class_for_layer(layer)
+    if cls is None or cls.unsupported_reason(layer) is not None:
+        return []
+    blocks = cls.blocks_for(layer)
+    for block in blocks:
+        _configure(block, layer, model, weight_sharing, max_factor_dim)
+    return blocks
 
 
 def _configure(block, layer, model, weight_sharing, max_factor_dim):
-    """Apply the size guard and the weight-sharing mode to a Kronecker block."""
-    if not block.kronecker:
+    """Apply the size guard and the weight-sharing mode to a Kronecker block
+    (grouped blocks: per-group factors are small, and groups are not
+    locations, so neither applies)."""
+    if not block.kronecker or block.groups > 1:
         return
     limit = int(_per_layer(max_factor_dim, layer, "max_factor_dim"))
     if limit < 1:
