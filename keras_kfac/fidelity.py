@@ -55,7 +55,7 @@ def per_example_gradients(model, layer, x, y, loss):
     # on some ops (BiasAddGrad of channels_first layers); the loop over
     # examples is right for both.
     grouped = any(
-        getattr(l, "groups", 1) > 1 for l in model._flatten_layers(include_self=False, recursive=True)
+        getattr(l, "groups", 1) > 1 for l in compat.flatten_layers(model)
     )
     try:
         jac = tape.jacobian(losses, params, experimental_use_pfor=not grouped)

@@ -137,6 +137,9 @@ class ConvolutionBlock(LayerBlock):
 
     #: A subclass that overrides one of these changes the block's math.
     forward_methods = ("call", "convolution_op")
+    #: KFC (Grosse & Martens 2016) is expand over the spatial locations;
+    #: ``weight_sharing="reduce"`` stays available per layer.
+    auto_weight_sharing = False
 
     def __init__(self, layer):
         super().__init__(layer)
