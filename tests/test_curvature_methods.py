@@ -17,7 +17,7 @@ from keras_kfac.curvature.base import LayerBatch
 from keras_kfac.fidelity import fitted_curvature, layer_batch
 from keras_kfac.layers import block_for_layer
 from reference import (
-    exact_fisher_block,
+    fisher_block,
     fisher_from_ag,
     kfac_factors,
     layer_ag,
@@ -58,7 +58,7 @@ def make_problem(kind, n=12, seed=0):
 @pytest.fixture(scope="module", params=["dense", "conv"])
 def problem(request):
     model, layer, x, y = make_problem(request.param)
-    f = exact_fisher_block(model, layer, x, y, LOSS).numpy().astype(np.float64)
+    f = fisher_block(model, layer, x, y, LOSS).numpy().astype(np.float64)
     a, g = layer_ag(model, layer, x, y, LOSS)
     return dict(model=model, layer=layer, x=x, y=y, F=f, a=a, g=g, kind=request.param)
 

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 import keras_kfac
 from reference import (
-    exact_fisher_block,
+    fisher_block,
     factored_damped,
     flat_params,
     kfac_factors,
@@ -32,7 +32,7 @@ def setup(method, kind, mode="graph", n=12, damping_mode="factored", **options):
     u = per_example_gradients(model, layer, x, y, LOSS).numpy().astype(np.float64)
     ref = dict(
         grad=u.mean(0),
-        F=exact_fisher_block(model, layer, x, y, LOSS).numpy().astype(np.float64),
+        F=fisher_block(model, layer, x, y, LOSS).numpy().astype(np.float64),
     )
     ref["A"], ref["G"] = [m.astype(np.float64) for m in kfac_factors(*layer_ag(model, layer, x, y, LOSS))]
     opts = dict(PRECISE)

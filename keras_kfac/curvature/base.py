@@ -48,6 +48,11 @@ class LayerBatch:
         g = parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
         return g * tf.cast(self._grad_scale, tf.float32)
 
+    def per_example_gradients(self):
+        """``(n, P)`` per-example gradients of the block's parameters, in
+        parameter order (see ``LayerBlock.per_example_gradients``)."""
+        return self.block.per_example_gradients(self.a(), self.g())
+
 
 def batch_size(x):
     return tf.cast(tf.shape(x)[0], tf.float32)
@@ -65,11 +70,6 @@ def factor_a(a):
 def factor_g(g):
     """``G = (1/(n T)) sum_i sum_t g g^T`` (KFC: averaged over locations)."""
     return tf.einsum("nti,ntj->ij", g, g) / (batch_size(g) * locations(g))
-
-
-def per_example_gradients(a, g):
-    """``U_i = sum_t a_bar_{i,t} g_{i,t}^T``, shape ``(n, a_dim, g_dim)``."""
-    return tf.einsum("nta,ntg->nag", a, g)
 
 
 class NoDenseMatrixError(ValueError):

@@ -53,6 +53,13 @@ class LayerBlock:
         """Pre-activation gradients as float32 ``(n, T, g_dim)``."""
         return tf.cast(self._output_locations(ds), tf.float32)
 
+    def per_example_gradients(self, a, g):
+        """``u_i = vec_row(sum_t a_bar_{i,t} g_{i,t}^T)``: ``(n, P)``
+        per-example gradients in parameter order, from this block's
+        :meth:`activations` and :meth:`output_gradients`. Blocks whose
+        gradient is not that sum of outer products override it."""
+        return tf.reshape(tf.einsum("nta,ntg->nag", a, g), (tf.shape(a)[0], -1))
+
     def to_matrix(self, grads):
         """Variable gradients (kernel[, bias]) -> ``V`` of shape (a_dim, g_dim)."""
         v = tf.reshape(tf.cast(grads[0], tf.float32), (-1, self.g_dim))
