@@ -85,11 +85,20 @@ def fidelity(model, x, y, loss, layers=None, methods=MATRIX_METHODS, max_paramet
             parameters).
         methods: curvature names with a dense matrix (a block with a fixed
             curvature, e.g. a normalization layer's, is fitted with that one).
-        **options: curvature options (e.g. ``power_iters``).
+        **options: curvature options (e.g. ``lanczos_steps``), each given to
+            the methods that accept it (an option no method accepts is an
+            error).
 
     Returns ``{block_name: {method: error}}`` (a layer with one block: its
     name).
     """
+    valid = set().union(*(_accepted(m) for m in methods))
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise ValueError(
+            f"Unknown curvature options {', '.join(map(repr, unknown))} for methods "
+            f"{', '.join(methods)}; valid: {', '.join(sorted(valid))}."
+        )
     if layers is None:
         blocks = [
             b for l in compat.flatten_layers(model) for b in blocks_for_layer(l)
@@ -102,11 +111,17 @@ def fidelity(model, x, y, loss, layers=None, methods=MATRIX_METHODS, max_paramet
         reference = exact.fisher_block(model, block, x, y, loss)
         # A block with a fixed curvature (normalization layers) has only that one.
         fixed = block.fixed_curvature
-        result[block.name] = {
-            m: float(exact.relative_error(reference, fitted_curvature(m, model, block, x, y, loss, **options).matrix()))
-            for m in ((fixed,) if fixed else methods)
-        }
+        result[block.name] = {}
+        for m in (fixed,) if fixed else methods:
+            own = {k: v for k, v in options.items() if k in _accepted(m)}
+            curvature = fitted_curvature(m, model, block, x, y, loss, **own)
+            result[block.name][m] = float(exact.relative_error(reference, curvature.matrix()))
     return result
+
+
+def _accepted(method):
+    """The options ``method`` takes (``damping_mode``: every method's)."""
+    return curvature_lib.get(method).option_names() | {"damping_mode"}
 
 
 def _blocks(model, item):

@@ -234,7 +234,7 @@ class StepMonitor:
         when = step["rho_now"] if self.rho_enabled else tf.constant(False)
         if has_loss:
             when = when | step["diag_now"]
-        rho = tf.constant(float("nan"))
+        rho = None
         if self.rho_enabled or has_loss:
             rho = tf.cond(when, compute_rho, lambda: tf.constant(float("nan")))
         if self.diagnostics_enabled:

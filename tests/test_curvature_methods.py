@@ -14,6 +14,7 @@ import tensorflow as tf
 import keras_kfac.curvature as curvature_lib
 from keras_kfac.curvature import factors as F
 from keras_kfac.curvature.base import LayerBatch
+from keras_kfac.estimator import method_names
 from keras_kfac.fidelity import fitted_curvature, layer_batch
 from keras_kfac.layers import block_for_layer
 from reference import (
@@ -31,6 +32,13 @@ LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 # The block power iteration (kpsvd, deflation, kfac_corrected) runs with its
 # defaults: they stop on convergence. Lanczos' defaults are a speed trade-off.
 PRECISE = dict(lanczos_steps=12, lanczos_restarts=20, lanczos_tol=1e-6)
+
+
+def precise_options(curvature):
+    """The :data:`PRECISE` options the method(s) of ``curvature=`` accept
+    (unknown curvature options are errors)."""
+    accepted = set().union(*(curvature_lib.get(m).option_names() for m in method_names(curvature)))
+    return {k: v for k, v in PRECISE.items() if k in accepted}
 
 
 def make_problem(kind, n=12, seed=0):
@@ -68,7 +76,7 @@ def fit(problem, method, mode="eager", **options):
     only): eagerly by :func:`fitted_curvature`, or from a cold start by a
     ``tf.function`` statistics update (``mode="graph"``; ``"xla"`` with
     ``jit_compile=True``)."""
-    opts = dict(PRECISE)
+    opts = precise_options(method)
     opts.update(options)
     if mode == "eager":
         return fitted_curvature(method, problem["model"], problem["layer"], problem["x"], problem["y"], LOSS, **opts)

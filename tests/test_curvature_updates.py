@@ -22,7 +22,7 @@ from reference import (
     rel,
     symmetric_top_pairs,
 )
-from test_curvature_methods import LOSS, PRECISE, make_problem, rearrange_inverse
+from test_curvature_methods import LOSS, make_problem, precise_options, rearrange_inverse
 
 LR, DAMPING = 0.1, 0.05
 
@@ -35,7 +35,7 @@ def setup(method, kind, mode="graph", n=12, damping_mode="factored", **options):
         F=fisher_block(model, layer, x, y, LOSS).numpy().astype(np.float64),
     )
     ref["A"], ref["G"] = [m.astype(np.float64) for m in kfac_factors(*layer_ag(model, layer, x, y, LOSS))]
-    opts = dict(PRECISE)
+    opts = precise_options(method)
     opts.update(options)
     opt = keras_kfac.KFAC(
         learning_rate=LR,
