@@ -14,7 +14,7 @@ import keras
 import tensorflow as tf
 
 import keras_kfac
-from reference import fisher_block, per_example_gradients
+from reference import per_example_gradients
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
