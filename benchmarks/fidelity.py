@@ -23,6 +23,7 @@ sys.path.insert(0, ROOT)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from keras_kfac import exact  # noqa: E402
 from keras_kfac import fidelity as fd  # noqa: E402
 
 METHODS = ("kfac", "ekfac", "kpsvd", "deflation", "lanczos", "kfac_corrected", "diagonal")
@@ -87,12 +88,12 @@ def main(argv=None):
                 )
             for fisher in ("empirical", "sampled"):
                 labels = (
-                    yb if fisher == "empirical" else fd.sample_labels(model, xb, seed=args.seed)
+                    yb if fisher == "empirical" else exact.sample_labels(model, xb, seed=args.seed)
                 )
                 t0 = time.time()
                 errors = fd.fidelity(model, xb, labels, loss, methods=METHODS)
                 for layer, per_method in errors.items():
-                    block = fd.block_for_layer(model.get_layer(layer))
+                    block = exact.resolve_block(model, layer)
                     rows.append(
                         dict(model=kind, stage=stage, fisher=fisher, layer=layer,
                              parameters=block.num_parameters, **per_method)

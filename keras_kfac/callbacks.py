@@ -84,13 +84,8 @@ class AdaptiveDamping(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         opt = kfac_optimizer(self.model)
-        if not opt.damping_is_adaptive:
-            raise ValueError(
-                "AdaptiveDamping changes the damping variable, but this KFAC's "
-                "damping is a schedule; pass a number as damping=."
-            )
         distributed.check_supported(self.model.distribute_strategy, quadratic_model=True)
-        opt.monitor.adapt_damping(self.every, self.decay, self.min_damping, self.max_damping)
+        opt.adapt_damping(self.every, self.decay, self.min_damping, self.max_damping)
         _sync_trace(self.model, opt)
         self._opt = opt
 
@@ -106,7 +101,7 @@ class AdaptiveDamping(keras.callbacks.Callback):
         self._log(logs)
 
     def on_train_end(self, logs=None):
-        self._opt.monitor.adapt_damping(0, self.decay, self.min_damping, self.max_damping)
+        self._opt.adapt_damping(0, self.decay, self.min_damping, self.max_damping)
 
 
 class DampingScheduler(keras.callbacks.Callback):

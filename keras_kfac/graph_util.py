@@ -12,3 +12,12 @@ def run_if(pred, fn):
         return tf.constant(True)
 
     return tf.cond(pred, true_fn, lambda: tf.constant(False))
+
+
+def untracked_variable(value, dtype=tf.float32, shape=None):
+    """A non-trainable ``tf.Variable`` for in-step state that is neither
+    saved nor restored (diagnostics, constants that callbacks set): created
+    outside any function being traced, held by plain Python objects (which
+    no checkpoint walks)."""
+    with tf.init_scope():
+        return tf.Variable(value, dtype=dtype, trainable=False, shape=shape)

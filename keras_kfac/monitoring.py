@@ -1,4 +1,5 @@
-"""In-step state of the quadratic model, adaptive damping and diagnostics.
+"""In-step diagnostics: the monitor observes the train step, it never
+writes optimizer state.
 
 The optimizer owns one :class:`StepMonitor`. Everything here runs inside the
 compiled train step, behind ``tf.cond`` on the step counter, and keeps its
@@ -6,26 +7,28 @@ results in (untracked, non-checkpointed) ``tf.Variable``\\ s that
 :meth:`keras_kfac.KFAC.diagnostics` and the callbacks of
 :mod:`keras_kfac.callbacks` read:
 
-* the reduction ratio ``rho`` and the Levenberg-Marquardt damping rule
-  (Martens & Grosse 2015, sec. 6.5), every ``every`` steps;
-* the adaptive step ``delta = alpha * Delta + mu * delta_prev`` (sec. 7),
-  every step when ``KFAC(adaptive_step=True)``;
+* the reduction ratio ``rho`` (Martens & Grosse 2015, sec. 6.5) every
+  ``every`` steps (:meth:`StepMonitor.track_rho`), returned to the optimizer,
+  which applies the Levenberg-Marquardt damping rule;
+* ``alpha``/``mu`` of the adaptive step (sec. 7, computed by the optimizer
+  with :func:`keras_kfac.quadratic.adaptive_step`);
 * curvature diagnostics (factor spectra, traces, condition numbers, pi,
-  norms, cosines, the KL-clip scale) on logging steps.
+  norms, cosines, the KL-clip scale, the exact-block fidelity of
+  ``fidelity_layers``) on logging steps.
 
 Which of these are traced into the step is fixed when the train function is
 traced (``features()``); the callbacks retrace once at ``on_train_begin`` if
-that set changes. How often they run and the damping-rule constants are
-variables: changing them never retraces.
+that set changes. How often they run is a variable: changing it never
+retraces.
 """
 
 import numpy as np
 import tensorflow as tf
 
-from keras_kfac import compat, quadratic
+from keras_kfac import compat, exact, quadratic
 from keras_kfac.curvature import factors as factor_math
 from keras_kfac.estimator import MAX_DENSE_PARAMETERS
-from keras_kfac.graph_util import run_if
+from keras_kfac.graph_util import run_if, untracked_variable
 
 #: Names of the optimizer-level scalars in :meth:`StepMonitor.values`.
 SCALARS = (
@@ -41,11 +44,6 @@ SCALARS = (
 )
 #: Names of the per-factor scalars (for each of ``A`` and ``G``).
 FACTOR_SCALARS = ("trace", "min_eigenvalue", "max_eigenvalue", "condition_number")
-
-
-def _variable(value, dtype=tf.float32, shape=None):
-    with tf.init_scope():
-        return tf.Variable(value, dtype=dtype, trainable=False, shape=shape)
 
 
 class StepMonitor:
@@ -66,25 +64,21 @@ class StepMonitor:
             return
         opt = self._optimizer_ref
         nan = float("nan")
-        self.scalars = {name: _variable(nan) for name in SCALARS if name != "skipped_steps"}
-        self.rho_every = _variable(0, tf.int64)
-        self.rho_adapts_damping = _variable(False, tf.bool)
-        self.damping_decay = _variable(0.95**5)
-        self.min_damping = _variable(1e-8)
-        self.max_damping = _variable(1e4)
-        self.rho_step = _variable(-1, tf.int64)
-        self.diagnostics_every = _variable(0, tf.int64)
-        self.diagnostics_step = _variable(-1, tf.int64)
+        self.scalars = {name: untracked_variable(nan) for name in SCALARS if name != "skipped_steps"}
+        self.rho_every = untracked_variable(0, tf.int64)
+        self.rho_step = untracked_variable(-1, tf.int64)
+        self.diagnostics_every = untracked_variable(0, tf.int64)
+        self.diagnostics_step = untracked_variable(-1, tf.int64)
         self.layers = {}
         for block, curvature in zip(opt.estimator.blocks, opt.estimator.curvatures):
-            entry = {"preconditioned_grad_norm": _variable(nan), "fidelity_relative_error": _variable(nan)}
+            entry = {"preconditioned_grad_norm": untracked_variable(nan), "fidelity_relative_error": untracked_variable(nan)}
             factors = curvature.factors()
             if "A" in factors and "G" in factors:
-                entry["pi"] = _variable(nan)
+                entry["pi"] = untracked_variable(nan)
                 for f, dim in (("A", block.a_dim), ("G", block.g_dim)):
                     for name in FACTOR_SCALARS:
-                        entry[f"{f}_{name}"] = _variable(nan)
-                    entry[f"{f}_spectrum"] = _variable(np.zeros((dim,), np.float32))
+                        entry[f"{f}_{name}"] = untracked_variable(nan)
+                    entry[f"{f}_spectrum"] = untracked_variable(np.zeros((dim,), np.float32))
             self.layers[block.name] = entry
         self.built = True
 
@@ -97,15 +91,12 @@ class StepMonitor:
         self.fidelity_layers = tuple(fidelity_layers)
         self.diagnostics_every.assign(int(every))
 
-    def adapt_damping(self, every, decay, min_damping, max_damping):
-        """Compute ``rho`` every ``every`` steps and apply the
-        Levenberg-Marquardt rule to the damping there (``every=0`` stops)."""
+    def track_rho(self, every):
+        """Compute ``rho`` every ``every`` steps (``every=0`` stops; once
+        enabled, the computation stays traced). :meth:`end` returns it with
+        whether this was such a step (the optimizer's damping rule uses it)."""
         self.rho_enabled = self.rho_enabled or every > 0
         self.rho_every.assign(int(every))
-        self.damping_decay.assign(float(decay))
-        self.min_damping.assign(float(min_damping))
-        self.max_damping.assign(float(max_damping))
-        self.rho_adapts_damping.assign(every > 0)
 
     def trace_is_stale(self):
         """Whether the train function was traced with other features than
@@ -146,15 +137,21 @@ class StepMonitor:
                 )
 
     # --- the step -----------------------------------------------------------
-    def begin(self, grads, variables, record):
+    def uses_objective(self):
+        """Whether the traced features may re-evaluate the batch loss."""
+        return self.rho_enabled or self.diagnostics_enabled
+
+    def begin(self, grads, variables, record, objective):
         """Start of a (finite) step, before the update: snapshot the
-        parameters when ``rho`` or diagnostics are traced."""
+        parameters when ``rho`` or diagnostics are traced. ``objective``: the
+        step's :class:`keras_kfac.quadratic.BatchObjective` (None when the
+        step did not call ``model.compute_loss``)."""
         opt = self._optimizer_ref
         self.traced_features = self.features()
         # The damping of this step, read now (a variable's value is read
         # where it is used, which could be after the LM rule changed it).
         damping = tf.identity(tf.convert_to_tensor(opt.damping))
-        self._step = {"record": record, "objective": None, "damping": damping}
+        self._step = {"record": record, "objective": objective, "damping": damping}
         step = opt.iterations
         rho_now = tf.constant(False)
         if self.rho_enabled:
@@ -174,79 +171,36 @@ class StepMonitor:
             model = opt.estimator.model()
             self._step["old"] = [tf.identity(v.value) for v in model.trainable_variables]
 
-    def objective(self):
-        """The batch objective of this step (needs ``model.compute_loss``)."""
-        step = self._step
-        if step["objective"] is None:
-            record = step["record"]
-            if record is None or record.loss_args is None:
-                raise ValueError(
-                    "KFAC(adaptive_step=True), AdaptiveDamping and the rho curve of "
-                    "CurvatureMonitor re-evaluate the batch loss, so they need "
-                    "model.compute_loss: train with model.fit, or call "
-                    "`loss = model.compute_loss(x, y, y_pred)` inside the "
-                    "GradientTape of a hand-written loop (compile the model with a loss)."
-                )
-            opt = self._optimizer_ref
-            step["objective"] = quadratic.BatchObjective(opt.estimator.model(), opt.estimator.capture, record.loss_args)
-        return step["objective"]
-
-    def _model_grads(self, grads, variables):
+    def _model_grads(self, objective, grads, variables):
         """The step's gradients aligned with ``model.trainable_variables``."""
         opt = self._optimizer_ref
-        by_key = {compat.variable_key(opt, v): g for g, v in zip(grads, variables)}
-        out = []
-        for v in opt.estimator.model().trainable_variables:
-            g = by_key.get(compat.variable_key(opt, v))
-            out.append(tf.zeros(v.shape, tf.float32) if g is None else tf.cast(g, tf.float32))
-        return out
+
+        def key(v):
+            return compat.variable_key(opt, v)
+
+        return objective.align({key(v): g for g, v in zip(grads, variables)}, key)
 
     def note_preconditioning(self, matrices, preconditioned, scale):
         """Record ``V`` and ``P(V)`` per block and the KL-clip scale nu."""
         if self._step is not None:
             self._step.update(matrices=matrices, preconditioned=preconditioned, nu=scale)
 
-    def adaptive_directions(self, grads, variables, preconditioned):
-        """Sec. 7: per block variable, the direction ``-(alpha Delta + mu
-        delta_prev)`` with ``Delta = -P(grad)``, ``delta_prev`` the previous
-        update, and ``(alpha, mu)`` minimising the exact quadratic model."""
-        opt = self._optimizer_ref
-        damping = self._step["damping"]
-        def key(v):
-            return compat.variable_key(opt, v)
+    def note_adaptive_step(self, result):
+        """Record the :class:`keras_kfac.quadratic.AdaptiveStep` of this step
+        (``alpha``, ``mu``; its model reduction is reused for ``rho``)."""
+        self.scalars["alpha"].assign(result.alpha)
+        self.scalars["mu"].assign(result.mu)
+        if self._step is not None:
+            self._step.update(model_reduction=result.model_reduction, loss_before=result.loss)
 
-        model_vars = opt.estimator.model().trainable_variables
-        index = {key(v): i for i, v in enumerate(model_vars)}
-        position = {key(v): i for i, v in enumerate(variables)}
-        natural = [tf.zeros(v.shape, tf.float32) for v in model_vars]
-        previous = [tf.zeros(v.shape, tf.float32) for v in model_vars]
-        for block, p in zip(opt.estimator.blocks, preconditioned):
-            for w, d in zip(block.variables, block.from_matrix(-p)):
-                i = index[key(w)]
-                natural[i] = d
-                previous[i] = tf.cast(opt.previous_update(w), tf.float32)
-        objective = self.objective()
-        values = objective.current_values()
-        q, loss = quadratic.gram(objective, values, [natural, previous], damping)
-        g = self._model_grads(grads, variables)
-        b = tf.stack([quadratic.dot(g, natural), quadratic.dot(g, previous)])
-        alpha, mu, reduction = quadratic.solve_step_coefficients(q, b)
-        self.scalars["alpha"].assign(alpha)
-        self.scalars["mu"].assign(mu)
-        self._step.update(model_reduction=reduction, loss_before=loss)
-        directions = list(grads)
-        for block in opt.estimator.blocks:
-            for w in block.variables:
-                i = index[key(w)]
-                delta = alpha * natural[i] + mu * previous[i]
-                directions[position[key(w)]] = tf.cast(-delta, w.dtype)
-        return directions
-
-    def end(self, grads, variables, damping):
-        """After the update: ``rho`` (and the damping rule), diagnostics."""
+    def end(self, grads, variables):
+        """After the update: ``rho`` and diagnostics. Returns ``(rho,
+        rho_now)``: this step's ``rho`` (NaN when not computed) and whether
+        this is one of :meth:`track_rho`'s steps, or None when ``rho`` is
+        not traced."""
         if not (self.rho_enabled or self.diagnostics_enabled):
             self._step = None
-            return
+            return None
         step = self._step
         damping = step["damping"]
         opt = self._optimizer_ref
@@ -255,8 +209,7 @@ class StepMonitor:
         delta = [tf.cast(n, tf.float32) - tf.cast(o, tf.float32) for n, o in zip(new, step["old"])]
 
         def compute_rho():
-            objective = self.objective()
-            g = self._model_grads(grads, variables)
+            objective = quadratic.require(step["objective"])
             exact_reuse = (
                 "model_reduction" in step
                 and not opt.estimator.fallback_variables
@@ -265,6 +218,7 @@ class StepMonitor:
             if exact_reuse:
                 predicted, before = step["model_reduction"], step["loss_before"]
             else:
+                g = self._model_grads(objective, grads, variables)
                 predicted, before = quadratic.model_reduction(
                     objective, step["old"], delta, g, damping
                 )
@@ -272,27 +226,21 @@ class StepMonitor:
             rho = quadratic.reduction_ratio(after - before, predicted)
             self.scalars["rho"].assign(rho)
             self.rho_step.assign(opt.iterations + 1)
-            if opt.damping_is_adaptive:
-                adapted = quadratic.levenberg_marquardt(
-                    opt.damping, rho, self.damping_decay, self.min_damping, self.max_damping
-                )
-                # Only on AdaptiveDamping's steps (rho is also computed on
-                # logging steps, for the curve).
-                adapt = self.rho_adapts_damping & step["rho_now"]
-                opt.adapt_damping(tf.where(adapt, adapted, opt.damping))
+            return rho
 
-        # rho on AdaptiveDamping's steps, and on logging steps when the batch
-        # loss can be re-evaluated (model.compute_loss was called).
-        record = step["record"]
-        has_loss = record is not None and record.loss_args is not None
+        # rho on track_rho's steps, and on logging steps when the batch loss
+        # can be re-evaluated (model.compute_loss was called).
+        has_loss = step["objective"] is not None
         when = step["rho_now"] if self.rho_enabled else tf.constant(False)
         if has_loss:
             when = when | step["diag_now"]
+        rho = None
         if self.rho_enabled or has_loss:
-            run_if(when, compute_rho)
+            rho = tf.cond(when, compute_rho, lambda: tf.constant(float("nan")))
         if self.diagnostics_enabled:
             run_if(step["diag_now"], lambda: self._diagnostics(grads, delta, damping))
         self._step = None
+        return (rho, step["rho_now"]) if self.rho_enabled else None
 
     def _diagnostics(self, grads, delta, damping):
         opt = self._optimizer_ref
@@ -332,21 +280,22 @@ class StepMonitor:
         self.diagnostics_step.assign(opt.iterations + 1)
 
     def _fidelity(self):
-        """Relative Frobenius error of each named layer's approximate block
-        (``curvature_matrix``) against the exact GGN (= Fisher for the
-        sampled-Fisher losses on logits/linear outputs) block of this batch,
-        at the parameters the step started from."""
-        # (keras_kfac.fidelity works eagerly on numpy batches; this runs in
-        # the compiled step on the recorded batch.)
+        """Relative Frobenius error of each named block's approximation
+        (``curvature_matrix``) against the exact GGN block of this batch
+        (:func:`keras_kfac.exact.step_ggn_block`; the Fisher for the
+        sampled-Fisher losses on logits/linear outputs), at the parameters
+        the step started from."""
         opt = self._optimizer_ref
-        objective = self.objective()
+        objective = quadratic.require(self._step["objective"])
+        start = self._step["old"]
         estimator = opt.estimator
         for name in self.fidelity_layers:
             i = estimator.block_index(name)
-            exact = quadratic.exact_ggn_block(objective, self._step["record"], estimator.blocks[i])
-            approx = tf.convert_to_tensor(estimator.curvatures[i].matrix())
-            error = quadratic.relative_error(exact, approx)
-            self.layers[name]["fidelity_relative_error"].assign(tf.cast(error, tf.float32))
+            reference = exact.step_ggn_block(
+                self._step["record"], estimator.blocks[i], lambda y: objective.output_loss(start, y)
+            )
+            error = exact.relative_error(reference, estimator.curvatures[i].matrix())
+            self.layers[name]["fidelity_relative_error"].assign(error)
 
     # --- reading -------------------------------------------------------------
     def values(self):

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from keras_kfac import compat
 from keras_kfac import curvature as curvature_lib
-from keras_kfac import distributed
+from keras_kfac import distributed, quadratic
 from keras_kfac.estimator import (
     CurvatureEstimator,
     check_options,
@@ -154,6 +154,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.seed = seed
         self.adaptive_step = bool(adaptive_step)
         self._monitor = StepMonitor(self)
+        self._levenberg_marquardt = quadratic.LevenbergMarquardt()
         if isinstance(damping, keras.optimizers.schedules.LearningRateSchedule) or callable(damping):
             self._damping_schedule = damping
             self._damping = None
@@ -292,6 +293,7 @@ class KFAC(keras.optimizers.Optimizer):
             # falls back silently.
             warnings.warn(estimator.fallback_warning(), stacklevel=2)
         self._monitor.build()
+        self._levenberg_marquardt.build()
 
     # --- hyperparameters that callbacks change -----------------------------
     @property
@@ -313,11 +315,21 @@ class KFAC(keras.optimizers.Optimizer):
         a schedule."""
         return self._damping_schedule is None
 
-    def adapt_damping(self, new_damping):
-        """Set the damping from a tensor inside the train step (the
-        Levenberg-Marquardt rule); no-op with a damping schedule."""
-        if self._damping is not None:
-            self._damping.assign(tf.cast(new_damping, tf.float32))
+    def adapt_damping(self, every, decay=0.95**5, min_damping=1e-8, max_damping=1e4):
+        """Levenberg-Marquardt damping (Martens & Grosse 2015, sec. 6.5):
+        every ``every`` steps the monitor computes ``rho`` on the step's batch
+        and this optimizer applies :func:`keras_kfac.quadratic.levenberg_marquardt`
+        to its damping (``every=0`` stops). Inside the train step; changing
+        these values never retraces. ``AdaptiveDamping`` calls this for
+        ``model.fit`` users."""
+        self._check_built()
+        if every > 0 and not self.damping_is_adaptive:
+            raise ValueError(
+                "Adaptive damping changes the damping variable, but this KFAC's "
+                "damping is a schedule; pass a number as damping=."
+            )
+        self._levenberg_marquardt.configure(every > 0, decay, min_damping, max_damping)
+        self._monitor.track_rho(every)
 
     @property
     def skipped_steps(self):
@@ -375,10 +387,12 @@ class KFAC(keras.optimizers.Optimizer):
         fallback = [(g, v) for g, v, c in zip(local_grads, variables, covered) if not c and g is not None]
 
         def step():
-            damping = self.damping
             record = estimator.capture.current()
-            self._monitor.begin(grads, variables, record)
-            directions, ok = self._natural_directions(grads, variables, learning_rate)
+            objective = None
+            if self.adaptive_step or self._monitor.uses_objective():
+                objective = quadratic.batch_objective(estimator.model(), estimator.capture, record)
+            self._monitor.begin(grads, variables, record, objective)
+            directions, ok = self._natural_directions(grads, variables, learning_rate, objective)
             # Never write NaN/Inf into the weights (e.g. damping 0 on a
             # singular factor): such a step is skipped too.
             ok = ok & _all_finite([d for d, c in zip(directions, covered) if c])
@@ -394,7 +408,9 @@ class KFAC(keras.optimizers.Optimizer):
                 if fallback:
                     # The fallback all-reduces its own (local) gradients.
                     self._fallback.apply([g for g, _ in fallback], [v for _, v in fallback])
-                self._monitor.end(grads, variables, damping)
+                rho = self._monitor.end(grads, variables)
+                if rho is not None and self.damping_is_adaptive:
+                    self._damping.assign(self._levenberg_marquardt.next_damping(self._damping.value, *rho))
 
             run_if(ok, apply)
             run_if(tf.logical_not(ok), self._skip_step)
@@ -404,10 +420,12 @@ class KFAC(keras.optimizers.Optimizer):
         run_if(tf.logical_not(finite), self._skip_step)
         estimator.capture.clear()
 
-    def _natural_directions(self, grads, variables, learning_rate):
+    def _natural_directions(self, grads, variables, learning_rate, objective):
         """Preconditioned, KL-clipped directions for block variables (the
-        gradients elsewhere), and whether this step's statistics were finite
-        (if not, nothing was updated and the step is skipped)."""
+        gradients elsewhere; with ``adaptive_step``, minus the whole sec. 7
+        step), and whether this step's statistics were finite (if not,
+        nothing was updated and the step is skipped). ``objective``: the
+        step's batch objective (or None)."""
         estimator = self._estimator
         if not estimator.blocks:
             return list(grads), tf.constant(True)
@@ -451,7 +469,7 @@ class KFAC(keras.optimizers.Optimizer):
         preconditioned = estimator.precondition(matrices, damping, current)
         if self.adaptive_step:
             self._monitor.note_preconditioning(matrices, preconditioned, tf.constant(1.0))
-            directions = self._monitor.adaptive_directions(grads, variables, preconditioned)
+            directions = self._adaptive_directions(grads, variables, preconditioned, objective, damping)
             return directions, stats_ok
         scale = self._kl_scale(estimator.inner_product(matrices, preconditioned), learning_rate)
         self._monitor.note_preconditioning(matrices, preconditioned, scale)
@@ -459,6 +477,33 @@ class KFAC(keras.optimizers.Optimizer):
             estimator.scaled(scale, preconditioned), variables, self._key, list(grads)
         )
         return directions, stats_ok
+
+    def _adaptive_directions(self, grads, variables, preconditioned, objective, damping):
+        """Sec. 7 (:func:`keras_kfac.quadratic.adaptive_step`): per block
+        variable ``-(alpha Delta + mu delta_prev)`` with ``Delta = -P(grad)``
+        and ``delta_prev`` the previous update (``update_step`` applies it
+        whole); the gradients elsewhere."""
+        objective = quadratic.require(objective)
+        key = self._key
+        natural, previous = {}, {}
+        for block, p in zip(self._estimator.blocks, preconditioned):
+            for w, d in zip(block.variables, block.from_matrix(-p)):
+                natural[key(w)] = d
+                previous[key(w)] = tf.cast(self.previous_update(w), tf.float32)
+        result = quadratic.adaptive_step(
+            objective,
+            objective.align({key(v): g for g, v in zip(grads, variables)}, key),
+            objective.align(natural, key),
+            objective.align(previous, key),
+            damping,
+        )
+        self._monitor.note_adaptive_step(result)
+        directions = list(grads)
+        for i, v in enumerate(variables):
+            if key(v) in natural:
+                delta = result.alpha * natural[key(v)] + result.mu * previous[key(v)]
+                directions[i] = tf.cast(-delta, v.dtype)
+        return directions
 
     def _kl_scale(self, grad_dot_update, learning_rate):
         """Ba et al. 2017: ``nu = min(1, sqrt(kl_clip / (lr^2 <g, P g>)))``."""

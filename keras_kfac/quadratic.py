@@ -8,6 +8,10 @@ Martens & Grosse 2015 (arXiv 1503.05671):
 * sec. 7, re-scaling and momentum: ``delta = alpha * Delta + mu * delta_prev``
   with ``(alpha, mu)`` minimising ``M`` (a 2x2 linear system).
 
+The optimizer calls :func:`adaptive_step` (sec. 7) and applies the damping
+rule through :class:`LevenbergMarquardt` with the ``rho`` the monitor
+measured; the monitor (:mod:`keras_kfac.monitoring`) only observes.
+
 ``F`` here is the exact curvature on the current batch, not the Kronecker
 approximation: the generalized Gauss-Newton matrix ``J^T H J`` of the
 compiled loss (Schraudolph 2002; Martens 2020, arXiv 1412.1193 sec. 8), with
@@ -25,10 +29,13 @@ dropout seeds) is read from one snapshot and never written, so the passes
 have no side effects and all of them see the same dropout masks.
 """
 
+import collections
+
 import keras
 import tensorflow as tf
 
 from keras_kfac import compat
+from keras_kfac.graph_util import untracked_variable
 
 
 def _f32(x):
@@ -38,6 +45,27 @@ def _f32(x):
 def dot(us, vs):
     """``sum_k <u_k, v_k>`` over lists of tensors (float32)."""
     return tf.add_n([tf.reduce_sum(_f32(u) * _f32(v)) for u, v in zip(us, vs)])
+
+
+def batch_objective(model, capture, record):
+    """The :class:`BatchObjective` of a step's ``record``, or None when the
+    step did not call ``model.compute_loss`` (see :func:`require`)."""
+    if record is None or record.loss_args is None:
+        return None
+    return BatchObjective(model, capture, record.loss_args)
+
+
+def require(objective):
+    """``objective``, or the error naming the fix when there is none."""
+    if objective is None:
+        raise ValueError(
+            "KFAC(adaptive_step=True), AdaptiveDamping and the rho curve of "
+            "CurvatureMonitor re-evaluate the batch loss, so they need "
+            "model.compute_loss: train with model.fit, or call "
+            "`loss = model.compute_loss(x, y, y_pred)` inside the "
+            "GradientTape of a hand-written loop (compile the model with a loss)."
+        )
+    return objective
 
 
 class BatchObjective:
@@ -73,6 +101,24 @@ class BatchObjective:
         loss = compat.compute_loss(self.model, self.x, self.y, y_pred, self.sample_weight)
         return _f32(loss)
 
+    def output_loss(self, values, y_pred):
+        """The batch loss as a function of the model output ``y_pred`` alone
+        (no forward pass), with the parameters ``values`` for the loss's own
+        terms."""
+        with self.capture.paused(), keras.StatelessScope(
+            state_mapping=self._mapping(values), collect_losses=True
+        ):
+            return self._loss(y_pred)
+
+    def align(self, by_key, key):
+        """Per-variable tensors ``{key(variable): tensor}`` as a float32 list
+        aligned with the trainable variables (zeros where absent)."""
+        out = []
+        for v in self.trainable:
+            t = by_key.get(key(v))
+            out.append(tf.zeros(v.shape, tf.float32) if t is None else _f32(t))
+        return out
+
     def current_values(self):
         return [v.value for v in self.trainable]
 
@@ -104,18 +150,14 @@ class BatchObjective:
         y_pred = tf.nest.map_structure(tf.convert_to_tensor, y_pred)
         u = tf.nest.map_structure(lambda t, y: tf.cast(t, y.dtype), u, y_pred)
         flat_y = tf.nest.flatten(y_pred)
-        with self.capture.paused():
-            with tf.autodiff.ForwardAccumulator(flat_y, tf.nest.flatten(u)) as acc:
-                with tf.GradientTape() as tape:
-                    tape.watch(flat_y)
-                    with keras.StatelessScope(
-                        state_mapping=self._mapping(values), collect_losses=True
-                    ):
-                        loss = self._loss(tf.nest.pack_sequence_as(y_pred, flat_y))
-                grads = tape.gradient(
-                    loss, flat_y, unconnected_gradients=tf.UnconnectedGradients.ZERO
-                )
-            return acc.jvp(grads, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        with tf.autodiff.ForwardAccumulator(flat_y, tf.nest.flatten(u)) as acc:
+            with tf.GradientTape() as tape:
+                tape.watch(flat_y)
+                loss = self.output_loss(values, tf.nest.pack_sequence_as(y_pred, flat_y))
+            grads = tape.gradient(
+                loss, flat_y, unconnected_gradients=tf.UnconnectedGradients.ZERO
+            )
+        return acc.jvp(grads, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
 
 def gram(objective, values, directions, damping):
@@ -188,70 +230,51 @@ def solve_step_coefficients(q, b):
     return alpha, mu, m
 
 
-#: Largest number of output values per example for :func:`exact_ggn_block`.
-MAX_FIDELITY_OUTPUTS = 256
+#: Result of :func:`adaptive_step`: the coefficients, ``M(delta) - M(0)`` of
+#: the chosen step and ``h(theta)``.
+AdaptiveStep = collections.namedtuple("AdaptiveStep", "alpha mu model_reduction loss")
 
 
-def exact_ggn_block(objective, record, block):
-    """The exact GGN block of one layer on the step's batch, at the step's
-    parameters: ``F = sum_i J_i^T H_i J_i`` with ``H_i`` the Hessian of the
-    batch loss with respect to example i's output (the losses must not couple
-    examples), in the parameter order of the conventions.
-
-    With ``H_i = sum_k h_ik h_ik^T`` (eigendecomposition), ``J_i^T h_ik`` is
-    the per-example gradient of ``h_ik^T y_i``: one backward pass per output
-    value through the step's own persistent tape (``fisher="sampled"``) to
-    the layer's pre-activations, then ``sum_t a_bar_{i,t} g_{i,t}^T`` (Martens
-    & Grosse 2015, sec. 3; Grosse & Martens 2016 for convolutions). Memory is
-    that of the layer's per-example gradients.
-    """
-    from keras_kfac.curvature.base import LayerBatch, per_example_gradients
-
-    if record.tape is None:
-        raise ValueError("The exact Fisher block needs KFAC(fisher='sampled').")
-    outputs = tf.nest.flatten(record.outputs)
-    if len(outputs) != 1:
-        raise ValueError("The exact Fisher block supports single-output models.")
-    output = outputs[0]
-    dim = 1
-    for d in output.shape[1:]:
-        dim *= int(d)
-    if dim > MAX_FIDELITY_OUTPUTS:
-        raise ValueError(
-            f"The exact Fisher block needs one backward pass per output value; this "
-            f"model has {dim} per example (at most {MAX_FIDELITY_OUTPUTS})."
-        )
-    key = id(block.layer)
-    inputs, preactivations = record.inputs[key], record.preactivations[key]
-    y = tf.stop_gradient(_f32(output))
-    n = tf.shape(y)[0]
-    flat = tf.reshape(y, (n, dim))
-    values = objective.current_values()
-    with objective.capture.paused():
-        with tf.GradientTape() as outer:
-            outer.watch(flat)
-            with tf.GradientTape() as inner:
-                inner.watch(flat)
-                with keras.StatelessScope(
-                    state_mapping=objective._mapping(values), collect_losses=True
-                ):
-                    loss = objective._loss(tf.cast(tf.reshape(flat, tf.shape(output)), output.dtype))
-            grad = inner.gradient(loss, flat, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        hessian = outer.batch_jacobian(grad, flat)
-    evals, evecs = tf.linalg.eigh(0.5 * (hessian + tf.transpose(hessian, (0, 2, 1))))
-    roots = evecs * tf.sqrt(tf.maximum(evals, 0.0))[:, None, :]
-    a = LayerBatch(block, inputs, []).a()
-    total = tf.zeros((block.num_parameters, block.num_parameters))
-    for k in range(dim):
-        dy = tf.cast(tf.reshape(roots[:, :, k], tf.shape(output)), output.dtype)
-        grads = record.tape.gradient(output, preactivations, output_gradients=dy)
-        parts = [block.output_gradients(g) for g in grads]
-        g = parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
-        u = tf.reshape(per_example_gradients(a, g), (n, -1))
-        total += tf.matmul(u, u, transpose_a=True)
-    return total
+def adaptive_step(objective, grads, natural, previous, damping):
+    """Sec. 7: ``(alpha, mu)`` minimising the exact quadratic model
+    ``M(alpha Delta + mu delta_prev)`` for the natural direction ``Delta``
+    (``natural``, ``-P(grad)``) and the previous update ``delta_prev``
+    (``previous``); ``grads``, ``natural`` and ``previous`` are lists aligned
+    with ``objective.trainable`` (:meth:`BatchObjective.align`). The step is
+    ``alpha * Delta + mu * delta_prev``. Returns an :data:`AdaptiveStep`."""
+    q, loss = gram(objective, objective.current_values(), [natural, previous], damping)
+    b = tf.stack([dot(grads, natural), dot(grads, previous)])
+    alpha, mu, reduction = solve_step_coefficients(q, b)
+    return AdaptiveStep(alpha, mu, reduction, loss)
 
 
-def relative_error(exact, approx):
-    """``||F - F_hat||_F / ||F||_F``."""
-    return tf.norm(exact - approx) / tf.norm(exact)
+class LevenbergMarquardt:
+    """The state of the sec. 6.5 damping rule (:func:`levenberg_marquardt`):
+    whether it is active and its constants, as variables (changing them
+    never retraces the train step; not saved: the
+    :class:`keras_kfac.callbacks.AdaptiveDamping` callback sets them)."""
+
+    def __init__(self):
+        self.built = False
+
+    def build(self):
+        if self.built:
+            return
+        self.active = untracked_variable(False, tf.bool)
+        self.decay = untracked_variable(0.95**5)
+        self.min_damping = untracked_variable(1e-8)
+        self.max_damping = untracked_variable(1e4)
+        self.built = True
+
+    def configure(self, active, decay, min_damping, max_damping):
+        self.active.assign(bool(active))
+        self.decay.assign(float(decay))
+        self.min_damping.assign(float(min_damping))
+        self.max_damping.assign(float(max_damping))
+
+    def next_damping(self, damping, rho, now):
+        """The damping after this step: the rule applied to ``damping`` when
+        active and ``now`` (a step whose ``rho`` is meant for it), else
+        ``damping``."""
+        adapted = levenberg_marquardt(damping, rho, self.decay, self.min_damping, self.max_damping)
+        return tf.where(self.active & now, adapted, damping)

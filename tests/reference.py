@@ -1,14 +1,16 @@
-"""Brute-force references for tests: exact per-example gradients
-(``GradientTape.jacobian``), exact Fisher blocks, the layer's captured a/g,
-rearrangement, dense solves. Independent of the curvature code under test.
+"""Brute-force references for tests: exact per-example gradients and
+Fisher/GGN blocks (:mod:`keras_kfac.exact`, by ``GradientTape.jacobian``),
+the layer's captured a/g, rearrangement, dense solves. Independent of the
+curvature code under test.
 
-    from reference import exact_fisher_block, layer_ag, dense_solve
+    from reference import fisher_block, layer_ag, dense_solve
 """
 
 import numpy as np
 import tensorflow as tf
 
-from keras_kfac.fidelity import exact_fisher_block, layer_batch, per_example_gradients  # noqa: F401
+from keras_kfac.exact import fisher_block, ggn_block, per_example_gradients  # noqa: F401
+from keras_kfac.fidelity import layer_batch
 
 
 def layer_ag(model, layer, x, y, loss):

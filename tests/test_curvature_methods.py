@@ -14,10 +14,11 @@ import tensorflow as tf
 import keras_kfac.curvature as curvature_lib
 from keras_kfac.curvature import factors as F
 from keras_kfac.curvature.base import LayerBatch
+from keras_kfac.estimator import method_names
 from keras_kfac.fidelity import fitted_curvature, layer_batch
 from keras_kfac.layers import block_for_layer
 from reference import (
-    exact_fisher_block,
+    fisher_block,
     fisher_from_ag,
     kfac_factors,
     layer_ag,
@@ -31,6 +32,13 @@ LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 # The block power iteration (kpsvd, deflation, kfac_corrected) runs with its
 # defaults: they stop on convergence. Lanczos' defaults are a speed trade-off.
 PRECISE = dict(lanczos_steps=12, lanczos_restarts=20, lanczos_tol=1e-6)
+
+
+def precise_options(curvature):
+    """The :data:`PRECISE` options the method(s) of ``curvature=`` accept
+    (unknown curvature options are errors)."""
+    accepted = set().union(*(curvature_lib.get(m).option_names() for m in method_names(curvature)))
+    return {k: v for k, v in PRECISE.items() if k in accepted}
 
 
 def make_problem(kind, n=12, seed=0):
@@ -64,7 +72,7 @@ def make_problem(kind, n=12, seed=0):
 @pytest.fixture(scope="module", params=["dense", "conv"])
 def problem(request):
     model, layer, x, y = make_problem(request.param)
-    f = exact_fisher_block(model, layer, x, y, LOSS).numpy().astype(np.float64)
+    f = fisher_block(model, layer, x, y, LOSS).numpy().astype(np.float64)
     a, g = layer_ag(model, layer, x, y, LOSS)
     return dict(model=model, layer=layer, x=x, y=y, F=f, a=a, g=g, kind=request.param)
 
@@ -74,7 +82,7 @@ def fit(problem, method, mode="eager", **options):
     only): eagerly by :func:`fitted_curvature`, or from a cold start by a
     ``tf.function`` statistics update (``mode="graph"``; ``"xla"`` with
     ``jit_compile=True``)."""
-    opts = dict(PRECISE)
+    opts = precise_options(method)
     opts.update(options)
     if mode == "eager":
         return fitted_curvature(method, problem["model"], problem["layer"], problem["x"], problem["y"], LOSS, **opts)

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 import keras_kfac
 from reference import (
-    exact_fisher_block,
+    fisher_block,
     factored_damped,
     flat_params,
     kfac_factors,
@@ -22,7 +22,7 @@ from reference import (
     rel,
     symmetric_top_pairs,
 )
-from test_curvature_methods import LOSS, PRECISE, make_problem, rearrange_inverse
+from test_curvature_methods import LOSS, make_problem, precise_options, rearrange_inverse
 
 LR, DAMPING = 0.1, 0.05
 
@@ -34,7 +34,7 @@ def brute_force(model, layer, x, y):
     u = per_example_gradients(model, layer, x, y, LOSS).numpy().astype(np.float64)
     ref = dict(
         grad=u.mean(0),
-        F=exact_fisher_block(model, layer, x, y, LOSS).numpy().astype(np.float64),
+        F=fisher_block(model, layer, x, y, LOSS).numpy().astype(np.float64),
     )
     ref["A"], ref["G"] = [
         m.astype(np.float64) for m in kfac_factors(*layer_ag(model, layer, x, y, LOSS))
@@ -45,7 +45,7 @@ def brute_force(model, layer, x, y):
 def setup(method, kind, mode="graph", n=12, damping_mode="factored", **options):
     model, layer, x, y = make_problem(kind, n=n)
     ref = brute_force(model, layer, x, y)
-    opts = dict(PRECISE)
+    opts = precise_options(method)
     opts.update(options)
     opt = keras_kfac.KFAC(
         learning_rate=LR,

@@ -21,7 +21,7 @@ from keras_kfac.fidelity import fitted_curvature
 from keras_kfac.layers import block_class_for_layer, block_for_layer, unsupported_reason
 from keras_kfac.layers.conv import ConvBlock
 from reference import (
-    exact_fisher_block,
+    fisher_block,
     factored_damped,
     fisher_from_ag,
     kfac_factors,
@@ -299,7 +299,7 @@ def test_exact_block_is_in_the_order_of_the_curvature_matrices(case):
     keras_kfac.fidelity (from the jacobian) is laid out like the curvature
     matrices, ``vec(V)``: it equals the block built from the captured a, g."""
     model, layer, x, y = make_problem(case, n=4)
-    exact = exact_fisher_block(model, layer, x, y, LOSS).numpy()
+    exact = fisher_block(model, layer, x, y, LOSS).numpy()
     a, g = layer_ag(model, layer, x, y, LOSS)
     assert rel(exact, fisher_from_ag(a, g)) < 1e-5
 
@@ -319,7 +319,7 @@ def test_grouped_methods_match_brute_force(case):
     ``F_kk`` of the exact Fisher, what it is for one matrix."""
     model, layer, x, y = make_problem(case, n=5)
     block = block_for_layer(layer)
-    exact = exact_fisher_block(model, layer, x, y, LOSS).numpy().astype(np.float64)
+    exact = fisher_block(model, layer, x, y, LOSS).numpy().astype(np.float64)
     p = block.a_dim * block.g_dim
     diagonal_blocks = [exact[k * p : (k + 1) * p, k * p : (k + 1) * p] for k in range(block.groups)]
     f = block_diag(diagonal_blocks)

@@ -18,9 +18,10 @@ import keras_kfac
 from keras_kfac import curvature as curvature_lib
 from keras_kfac.capture import Capture
 from keras_kfac.curvature.base import LayerBatch
-from keras_kfac.fidelity import fidelity, fitted_curvature, per_example_loss_fn
+from keras_kfac.exact import per_example_loss_fn
+from keras_kfac.fidelity import fidelity, fitted_curvature
 from keras_kfac.layers import block_for_layer, unsupported_reason
-from reference import exact_fisher_block, layer_batch, per_example_gradients, rel
+from reference import fisher_block, layer_batch, per_example_gradients, rel
 
 pytestmark = pytest.mark.filterwarnings("ignore:You passed `rms_scaling=True`")
 
@@ -65,10 +66,9 @@ def make_case(name, n=8, seed=0):
 
 
 def per_example_u(batch):
-    """``u_i = (sum_t g xhat, sum_t g)`` per feature, flattened in parameter
-    order ``concat(gamma, beta)``: ``(n, k F)``."""
-    u = tf.einsum("ntkf,ntf->nkf", batch.a(), batch.g()).numpy()
-    return u.reshape(len(u), -1)
+    """The block's ``u_i = (sum_t g xhat, sum_t g)`` per feature, flattened
+    in parameter order ``concat(gamma, beta)``: ``(n, k F)``."""
+    return batch.per_example_gradients().numpy()
 
 
 def training_batch(model, layer, x, y):
@@ -112,7 +112,7 @@ def test_training_mode_gradients_sum_to_the_gradient(name):
 @pytest.mark.parametrize("name", list(CASES))
 def test_blocks_are_the_exact_per_feature_blocks(name):
     model, layer, x, y = make_case(name)
-    exact = exact_fisher_block(model, layer, x, y, LOSS).numpy().astype(np.float64)
+    exact = fisher_block(model, layer, x, y, LOSS).numpy().astype(np.float64)
     block = block_for_layer(layer)
     k, f = block.a_dim, block.g_dim
     same_feature = np.tile(np.eye(f), (k, k))
@@ -262,7 +262,7 @@ def test_unsupported_configurations_are_named():
 def test_fidelity_report_uses_the_fixed_curvature():
     model, layer, x, y = make_case("batch_norm")
     report = fidelity(model, x, y, LOSS, methods=("kfac",))  # default layers: every block
-    exact = exact_fisher_block(model, layer, x, y, LOSS).numpy()
+    exact = fisher_block(model, layer, x, y, LOSS).numpy()
     f = block_for_layer(layer).g_dim
     assert set(report[layer.name]) == {"scale_and_shift"}
     assert abs(report[layer.name]["scale_and_shift"] - rel(exact * np.tile(np.eye(f), (2, 2)), exact)) < 1e-4

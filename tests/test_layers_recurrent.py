@@ -13,7 +13,8 @@ import tensorflow as tf
 
 import keras_kfac
 from keras_kfac.capture import Capture
-from keras_kfac.curvature.base import LayerBatch, per_example_gradients
+from keras_kfac.curvature.base import LayerBatch
+from keras_kfac.exact import per_example_gradients
 from keras_kfac.layers import blocks_for_layer, unsupported_reason
 from reference import dense_solve, factored_damped, kfac_factors
 
@@ -71,15 +72,6 @@ def recorded_blocks(model, layer, x, y, function=False):
     finally:
         capture.remove()
     return blocks, out.numpy(), [(a.numpy(), g.numpy()) for a, g in ag]
-
-
-def jacobian_gradients(model, block, x, y):
-    """``U_i`` (n, a_dim, g_dim): each example's gradient of the block's
-    variables, by jacobian, as the block's matrix."""
-    with tf.GradientTape() as tape:
-        losses = loss_fn(y, model(x))
-    jac = tape.jacobian(losses, block.variables)
-    return np.stack([block.to_matrix([j[i] for j in jac]).numpy() for i in range(N)])
 
 
 def uninstrumented_output(model, x):
@@ -164,9 +156,9 @@ def test_blocks_give_exact_per_example_gradients(kind, config):
     np.testing.assert_allclose(out, uninstrumented_output(model, x), rtol=1e-6, atol=1e-6)
     for block, (a, g) in zip(blocks, ag):
         assert a.shape == (N, T, block.a_dim) and g.shape == (N, T, block.g_dim)
-        exact = jacobian_gradients(model, block, x, y)
+        exact = per_example_gradients(model, block, x, y, loss_fn).numpy()
         np.testing.assert_allclose(
-            per_example_gradients(a, g).numpy(), exact, rtol=1e-5, atol=1e-6, err_msg=block.name
+            block.per_example_gradients(a, g).numpy(), exact, rtol=1e-5, atol=1e-6, err_msg=block.name
         )
     if CONFIGS[config].get("mask"):
         # Padded steps: no gradient and no input-factor contribution.
@@ -228,7 +220,7 @@ def test_factors_and_one_step_update_through_fit(kind, mode):
     )
     steps, _ = reference_steps(model, layer, x, y)
     blocks = blocks_for_layer(layer)
-    mean_grads = [jacobian_gradients(model, b, x, y).mean(0) for b in blocks]
+    mean_grads = [per_example_gradients(model, b, x, y, loss_fn).numpy().mean(0) for b in blocks]
     before = [[v.numpy() for v in b.variables] for b in blocks]
     model.fit(x, y, batch_size=N, epochs=1, shuffle=False, verbose=0)
     assert opt.skipped_steps.numpy() == 0

@@ -92,6 +92,11 @@ class LayerBatch:
             return (self.g(),)
         return (self.a(), self.g())
 
+    def per_example_gradients(self):
+        """``(n, P)`` per-example gradients of the block's parameters, in
+        parameter order (see ``LayerBlock.per_example_gradients``)."""
+        return self.block.per_example_gradients(self.a(), self.g())
+
 
 def batch_size(x):
     return tf.cast(tf.shape(x)[0], tf.float32)
@@ -111,12 +116,6 @@ def factor_g(g):
     """``G = (1/(n T)) sum_i sum_t g g^T`` (KFC: averaged over locations);
     one per group for grouped blocks."""
     return tf.einsum("nt...i,nt...j->...ij", g, g) / (batch_size(g) * locations(g))
-
-
-def per_example_gradients(a, g):
-    """``U_i = sum_t a_bar_{i,t} g_{i,t}^T``, shape ``(n, a_dim, g_dim)``
-    (grouped: ``(n, groups, a_dim, g_dim)``)."""
-    return tf.einsum("nt...a,nt...g->n...ag", a, g)
 
 
 def group_shape(block):

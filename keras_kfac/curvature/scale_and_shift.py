@@ -40,7 +40,8 @@ class ScaleAndShift(Curvature):
         self.s = add_variable("scale_shift", (self.block.g_dim, k, k))
 
     def update_statistics(self, batch, decay):
-        u = tf.einsum("ntkf,ntf->nkf", batch.a(), batch.g())
+        k, f = self.block.a_dim, self.block.g_dim
+        u = tf.reshape(batch.per_example_gradients(), (-1, k, f))
         n = tf.cast(tf.shape(u)[0], tf.float32)
         return F.running_average(self.s, tf.einsum("nkf,nlf->fkl", u, u) / n, decay)
 

@@ -15,7 +15,7 @@ formed per-example gradients in ``O(n^2 a_dim g_dim)``
 
 No state: statistics, ``stats_decay``, ``stats_every``, ``inverse_every`` and
 ``damping_mode`` do not apply; there is no stored matrix (the block is the
-current batch's exact F; see :func:`keras_kfac.fidelity.exact_fisher_block`).
+current batch's exact F; see :func:`keras_kfac.exact.fisher_block`).
 """
 
 from keras_kfac.curvature import factors as F
@@ -27,7 +27,7 @@ class TENGraD(CurrentBatchCurvature):
     supports_groups = True
     no_matrix_reason = (
         "it solves exactly with the current batch's per-example gradients. Use "
-        "keras_kfac.fidelity.exact_fisher_block for that batch's matrix."
+        "keras_kfac.exact.fisher_block for that batch's matrix."
     )
 
     def precondition(self, v, damping, batch=None):

@@ -10,7 +10,10 @@ two per-location quantities every curvature method works with:
 
 and maps the layer's variable gradients to and from the matrix ``V`` of shape
 ``(a_dim, g_dim)`` on which preconditioners act (``V = [dW; db]``, row-major
-kernel order, so ``vec_row(V)`` is the parameter vector of the conventions).
+kernel order, so ``vec_row(V)`` is the parameter vector of the conventions),
+and gives per-example parameter gradients from ``(a, g)``
+(``per_example_gradients``, ``(n, P)`` in that order; the sum over locations
+of ``a g^T`` unless the block overrides it).
 """
 
 from keras_kfac.layers.base import (

@@ -87,6 +87,15 @@ class LayerBlock:
         """Pre-activation gradients as float32 ``(n, T, g_dim)``."""
         return tf.cast(self._output_locations(ds), tf.float32)
 
+    def per_example_gradients(self, a, g):
+        """``u_i = vec_row(sum_t a_bar_{i,t} g_{i,t}^T)``: ``(n, P)``
+        per-example gradients in the order of ``vec_row(V)`` (grouped
+        blocks: ``(group, a, g)``), from this block's :meth:`activations` and
+        :meth:`output_gradients`. Blocks whose gradient is not that sum of
+        outer products override it."""
+        u = tf.einsum("nt...a,nt...g->n...ag", a, g)
+        return tf.reshape(u, (tf.shape(a)[0], -1))
+
     def to_matrix(self, grads):
         """Variable gradients (kernel[, bias]) -> ``V`` of shape (a_dim, g_dim)."""
         v = tf.reshape(tf.cast(grads[0], tf.float32), (-1, self.g_dim))

@@ -119,6 +119,11 @@ class ScaleAndShiftBlock(LayerBlock):
     def output_gradients(self, ds):
         return tf.cast(self._features_last(ds), tf.float32)
 
+    def per_example_gradients(self, a, g):
+        """``u_i = [sum_t xhat g; sum_t g]`` feature by feature (the rows the
+        layer has), flattened row-major: ``concat(gamma, beta)`` order."""
+        return tf.reshape(tf.einsum("ntkf,ntf->nkf", a, g), (tf.shape(a)[0], -1))
+
     def to_matrix(self, grads):
         return tf.stack([tf.reshape(tf.cast(g, tf.float32), (-1,)) for g in grads])
 
