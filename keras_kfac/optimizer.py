@@ -57,7 +57,8 @@ class KFAC(keras.optimizers.Optimizer):
 
     Each Dense and Conv2D layer gets a curvature block (``curvature=``); the
     update of its parameters is ``-lr * P(grad)`` with ``P`` the damped inverse
-    of the block's approximate Fisher, then KL clipping and heavy-ball momentum.
+    of the block's approximate Fisher, with heavy-ball momentum and KL
+    clipping of the whole update.
     All other trainable variables (layers without a block) are updated by a
     ``keras.optimizers.Adam`` with ``fallback_learning_rate`` (and this
     optimizer's ``weight_decay`` at that rate), saved with the model.
@@ -80,7 +81,9 @@ class KFAC(keras.optimizers.Optimizer):
             default 0.5 keeps a memory of about 20 steps.
         stats_every: statistics are updated every this many steps.
         inverse_every: inverses/eigenbases are refreshed every this many steps.
-        kl_clip: KL clipping bound (Ba et al. 2017), or None.
+        kl_clip: KL clipping bound (Ba et al. 2017) on the whole update,
+            momentum included: ``lr^2 u^T (F + damping) u <= kl_clip``, or
+            None.
         weight_decay: decoupled weight decay (as in AdamW), or None.
         model: the model to precondition; found automatically by
             ``model.compile``. Needed for hand-written training loops.
@@ -114,7 +117,7 @@ class KFAC(keras.optimizers.Optimizer):
         stats_decay=0.5,
         stats_every=10,
         inverse_every=20,
-        kl_clip=1e-3,
+        kl_clip=3e-3,
         weight_decay=None,
         model=None,
         loss=None,
@@ -274,6 +277,11 @@ class KFAC(keras.optimizers.Optimizer):
         self._fallback.build(estimator.fallback_variables)
         self._momentums = {}
         self._previous_updates = {}
+        # ||m||^2 in the damped-curvature metric of the momentum m (see
+        # `_kl_scale`); a scalar, saved with the optimizer.
+        self._momentum_curvature = self.add_variable(
+            (), initializer="zeros", dtype="float32", name="momentum_curvature"
+        )
         for v in variables:
             if not estimator.covers(self._key(v)):
                 continue
@@ -392,7 +400,9 @@ class KFAC(keras.optimizers.Optimizer):
             if self.adaptive_step or self._monitor.uses_objective():
                 objective = quadratic.batch_objective(estimator.model(), estimator.capture, record)
             self._monitor.begin(grads, variables, record, objective)
-            directions, ok = self._natural_directions(grads, variables, learning_rate, objective)
+            directions, ok, momentum_curvature = self._natural_directions(
+                grads, variables, learning_rate, objective
+            )
             # Never write NaN/Inf into the weights (e.g. damping 0 on a
             # singular factor): such a step is skipped too.
             ok = ok & _all_finite([d for d, c in zip(directions, covered) if c])
@@ -405,6 +415,7 @@ class KFAC(keras.optimizers.Optimizer):
                 ]
                 if block_pairs:
                     compat.apply_updates(self, block_pairs, learning_rate)
+                    self._momentum_curvature.assign(momentum_curvature)
                 if fallback:
                     # The fallback all-reduces its own (local) gradients.
                     self._fallback.apply([g for g, _ in fallback], [v for _, v in fallback])
@@ -421,14 +432,20 @@ class KFAC(keras.optimizers.Optimizer):
         estimator.capture.clear()
 
     def _natural_directions(self, grads, variables, learning_rate, objective):
-        """Preconditioned, KL-clipped directions for block variables (the
-        gradients elsewhere; with ``adaptive_step``, minus the whole sec. 7
-        step), and whether this step's statistics were finite (if not,
-        nothing was updated and the step is skipped). ``objective``: the
-        step's batch objective (or None)."""
+        """Preconditioned directions for block variables (the gradients
+        elsewhere; with ``adaptive_step``, minus the whole sec. 7 step),
+        whether this step's statistics were finite (if not, nothing was
+        updated and the step is skipped), and the momentum's curvature norm
+        after this step. ``objective``: the step's batch objective (or None).
+
+        The KL clip scales the whole update, momentum included:
+        ``update_step``'s ``m <- momentum * m + d`` gets ``d = nu * P g + (nu
+        - 1) * momentum * m``, i.e. ``m <- nu * (momentum * m + P g)``, so the
+        momentum holds the update actually taken (divided by the learning
+        rate)."""
         estimator = self._estimator
         if not estimator.blocks:
-            return list(grads), tf.constant(True)
+            return list(grads), tf.constant(True), self._momentum_curvature.value
         record = estimator.capture.current()
         if record is None:
             raise ValueError(
@@ -470,13 +487,25 @@ class KFAC(keras.optimizers.Optimizer):
         if self.adaptive_step:
             self._monitor.note_preconditioning(matrices, preconditioned, tf.constant(1.0))
             directions = self._adaptive_directions(grads, variables, preconditioned, objective, damping)
-            return directions, stats_ok
-        scale = self._kl_scale(estimator.inner_product(matrices, preconditioned), learning_rate)
+            return directions, stats_ok, self._momentum_curvature.value
+        inner = estimator.inner_product(matrices, preconditioned)
+        momentum_dot_grad = self._momentum_dot(grads, variables)
+        # ||mu m + P g||^2 in the metric P^-1 = F + damping, with
+        # <m, P^-1 P g> = <m, g> and ||m||^2 carried over from the last step.
+        mu = tf.constant(self.momentum, tf.float32)
+        update_curvature = mu * mu * self._momentum_curvature + 2.0 * mu * momentum_dot_grad + inner
+        scale = self._kl_scale(update_curvature, learning_rate)
         self._monitor.note_preconditioning(matrices, preconditioned, scale)
         directions = estimator.to_variables(
             estimator.scaled(scale, preconditioned), variables, self._key, list(grads)
         )
-        return directions, stats_ok
+        for i, v in enumerate(variables):
+            m = self._momentum_of(v)
+            if m is not None and directions[i] is not None:
+                # Dense: the momentum of a sparse (embedding) block is dense.
+                direction = tf.convert_to_tensor(directions[i])
+                directions[i] = direction + tf.cast((scale - 1.0) * mu, v.dtype) * m
+        return directions, stats_ok, scale * scale * tf.maximum(update_curvature, 0.0)
 
     def _adaptive_directions(self, grads, variables, preconditioned, objective, damping):
         """Sec. 7 (:func:`keras_kfac.quadratic.adaptive_step`): per block
@@ -505,13 +534,31 @@ class KFAC(keras.optimizers.Optimizer):
                 directions[i] = tf.cast(-delta, v.dtype)
         return directions
 
-    def _kl_scale(self, grad_dot_update, learning_rate):
-        """Ba et al. 2017: ``nu = min(1, sqrt(kl_clip / (lr^2 <g, P g>)))``."""
+    def _momentum_of(self, variable):
+        """The momentum of a block variable (None without momentum)."""
+        return self._momentums.get(self._get_variable_index(variable))
+
+    def _momentum_dot(self, grads, variables):
+        """``<m, g>`` over the block variables (0 without momentum)."""
+        terms = [
+            tf.reduce_sum(tf.cast(m, tf.float32) * tf.cast(tf.convert_to_tensor(g), tf.float32))
+            for g, m in ((g, self._momentum_of(v)) for g, v in zip(grads, variables))
+            if g is not None and m is not None
+        ]
+        return tf.add_n(terms) if terms else tf.constant(0.0)
+
+    def _kl_scale(self, update_curvature, learning_rate):
+        """Ba et al. 2017's KL clip applied to the whole update: ``nu = min(1,
+        sqrt(kl_clip / (lr^2 ||u||^2)))`` with ``u = momentum * m + P g`` and
+        ``||u||^2 = u^T (F + damping) u`` (``<g, P g>`` without momentum).
+        Clipping ``P g`` alone and then adding momentum lets momentum 0.9
+        take steps of up to 100x the bound along a persistent direction
+        (benchmarks/results/divergence.md)."""
         if self.kl_clip is None:
             return tf.constant(1.0)
         lr = tf.cast(learning_rate, tf.float32)
-        bound = tf.math.divide_no_nan(self.kl_clip, lr * lr * grad_dot_update)
-        return tf.where(grad_dot_update > 0.0, tf.minimum(1.0, tf.sqrt(bound)), 1.0)
+        bound = tf.math.divide_no_nan(self.kl_clip, lr * lr * update_curvature)
+        return tf.where(update_curvature > 0.0, tf.minimum(1.0, tf.sqrt(bound)), 1.0)
 
     def _loss_scale(self):
         """The dynamic loss scale when a LossScaleOptimizer wraps this one."""
