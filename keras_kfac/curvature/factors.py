@@ -47,14 +47,14 @@ def eye_like(m):
 def mean_eigenvalue(m):
     """``tr(M) / dim`` of a factor stored dense ``(..., d, d)`` (one per
     leading group index) or, ungrouped, as its diagonal ``(d,)``."""
-    if m.shape.rank == 1:
+    if len(m.shape) == 1:
         return tf.reduce_mean(m)
     return tf.linalg.trace(m) / tf.cast(tf.shape(m)[-1], m.dtype)
 
 
 def as_dense(m):
     """A factor stored as its diagonal ``(d,)`` as the ``(d, d)`` matrix."""
-    return tf.linalg.diag(m) if m.shape.rank == 1 else m
+    return tf.linalg.diag(m) if len(m.shape) == 1 else m
 
 
 def damped_inverse(m, damping):
@@ -62,7 +62,7 @@ def damped_inverse(m, damping):
     leading index of ``m``; a diagonal factor ``(d,)`` exactly in O(d)).
     Non-PD input yields NaN (not an exception) on every TF device and under
     XLA; callers check finiteness."""
-    if m.shape.rank == 1:
+    if len(m.shape) == 1:
         return 1.0 / (m + damping)
     eye = eye_like(m)
     damping = tf.convert_to_tensor(damping, m.dtype)[..., None, None]
