@@ -271,6 +271,80 @@ def _tap(s, targets):
     return identity(s)
 
 
+def _location_mask(block, inputs, mask):
+    """``mask`` as float ``(n, T)`` over the block's locations of a use, or
+    None when the use is unmasked or its mask does not index the block's
+    locations (e.g. a convolution's patches)."""
+    if mask is None:
+        return None
+    locations = block.activations(inputs).shape[1]
+    per_example = mask.shape[1:].num_elements()
+    if locations is None or per_example != locations:
+        return None
+    return tf.reshape(tf.cast(mask, tf.float32), (tf.shape(mask)[0], locations))
+
+
+class _MaskedBatch(LayerBatch):
+    """A :class:`LayerBatch` whose masked locations (per use, ``(n, T)``
+    float masks, None for unmasked uses) have zero ``a`` and ``g``, so they
+    are left out of every statistic."""
+
+    def __init__(self, block, inputs, output_grads, grad_scale, masks):
+        super().__init__(block, inputs, output_grads, grad_scale)
+        self._masks = masks
+
+    def a(self):
+        parts = [self._masked(self.block.activations(x), m) for x, m in zip(self._inputs, self._masks)]
+        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
+
+    def g(self):
+        parts = [self._masked(self.block.output_gradients(d), m) for d, m in zip(self._output_grads, self._masks)]
+        g = parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
+        return g * tf.cast(self._grad_scale, tf.float32)
+
+    @staticmethod
+    def _masked(x, mask):
+        return x if mask is None else x * mask[..., None]
+
+
+def _layer_batch(block, inputs, grads, scale, masks):
+    masks = [_location_mask(block, x, m) for x, m in zip(inputs, masks)]
+    if all(m is None for m in masks):
+        return LayerBatch(block, inputs, grads, scale)
+    return _MaskedBatch(block, inputs, grads, scale, masks)
+
+
+def _sample_weight(record):
+    """The per-example weights ``(n,)`` given to ``compute_loss`` (sample
+    or class weights), or None."""
+    weight = None if record.loss_args is None else record.loss_args[2]
+    if weight is None or not tf.is_tensor(weight) and not hasattr(weight, "shape"):
+        return None
+    weight = tf.convert_to_tensor(weight)
+    if weight.shape.rank is None or weight.shape.rank > 2 or (weight.shape.rank == 2 and weight.shape[1] != 1):
+        return None  # per-position weights: see _output_weights
+    return tf.reshape(tf.cast(weight, tf.float32), (-1,))
+
+
+def _output_weights(record, output):
+    """Loss weights of one model output for the sampled gradient: the
+    sample weight given to ``compute_loss`` times the output's Keras mask
+    scaled as Keras's loss reduction scales it (valid entries
+    ``total / valid``, so the masked loss is the mean over unmasked
+    positions); None when neither is present."""
+    weight = None if record.loss_args is None else record.loss_args[2]
+    weight = None if weight is None or isinstance(weight, (dict, list, tuple)) else tf.cast(weight, tf.float32)
+    mask = compat.keras_mask(output)
+    if mask is not None:
+        mask = tf.cast(mask, tf.float32)
+        total = tf.cast(tf.size(mask), tf.float32)
+        mask = mask * tf.math.divide_no_nan(total, tf.reduce_sum(mask))
+        if weight is not None and weight.shape.rank < mask.shape.rank:
+            weight = tf.reshape(weight, tf.concat([tf.shape(weight), tf.ones([mask.shape.rank - weight.shape.rank], tf.int32)], 0))
+        weight = mask if weight is None else weight * mask
+    return weight
+
+
 class Capture:
     """Instruments ``model`` (its ``call``, ``compute_loss``, ``train_step``)
     and every layer of a supported type.
@@ -415,6 +489,11 @@ class Capture:
         keys = [id(block.layer) for block in blocks]
         if sampled_losses is None:
             uses = record.latest_uses(set(keys))
+            # Recorded gradients carry the sample weight w_i linearly; the
+            # Fisher of the weighted loss weights g_i g_i^T by w_i, so g_i is
+            # divided by sqrt(w_i) (zero-weight examples give zero).
+            weight = _sample_weight(record)
+            root = None if weight is None else tf.sqrt(tf.maximum(weight, 0.0))
             batches = []
             for block, key in zip(blocks, keys):
                 if not uses[key]:
@@ -422,11 +501,14 @@ class Capture:
                     continue
                 inputs = [record.inputs[key][i] for i in uses[key]]
                 grads = [record.output_grads[key][i] for i in uses[key]]
+                if root is not None:
+                    grads = [_per_example(tf.math.divide_no_nan, g, root) for g in grads]
                 n = tf.cast(tf.shape(inputs[0])[0], tf.float32)
                 if replicas is not None:
                     n = n * replicas.num_replicas
                 scale = n if loss_scale is None else n / loss_scale
-                batches.append(LayerBatch(block, inputs, grads, scale))
+                masks = [record.masks[key][i] for i in uses[key]]
+                batches.append(_layer_batch(block, inputs, grads, scale, masks))
             return batches
         if record.tape is None:
             raise ValueError(
@@ -443,10 +525,13 @@ class Capture:
             )
         dys = []
         for output, sampled_loss in zip(outputs, sampled_losses):
+            weights = _output_weights(record, output)
             if replicas is None:
-                dy = sampled_loss.output_gradient(output, seed)
+                dy = sampled_loss.output_gradient(output, seed, weights)
             else:
-                dy = sampled_loss.output_gradient(replicas.gather(output), seed)
+                if weights is not None:
+                    weights = replicas.gather(weights)
+                dy = sampled_loss.output_gradient(replicas.gather(output), seed, weights)
                 dy = replicas.local_rows(dy, tf.shape(output)[0])
             # Per-example output gradients are O(1), safe in float16 without
             # a loss scale (which would overflow the float16 backward pass).
@@ -458,9 +543,18 @@ class Capture:
             inputs = record.inputs.get(key, [])
             uses = grads[k : k + len(inputs)]
             k += len(inputs)
-            kept = [(x, g) for x, g in zip(inputs, uses) if g is not None]
+            masks = record.masks.get(key, [])
+            kept = [(x, g, m) for x, g, m in zip(inputs, uses, masks) if g is not None]
             if not kept:
                 batches.append(None)
             else:
-                batches.append(LayerBatch(block, [x for x, _ in kept], [g for _, g in kept]))
+                xs, gs, ms = zip(*kept)
+                batches.append(_layer_batch(block, list(xs), list(gs), 1.0, list(ms)))
         return batches
+
+
+def _per_example(op, x, weights):
+    """``op(x, w)`` with per-example ``weights`` ``(n,)`` broadcast over the
+    other axes of ``x``."""
+    w = tf.cast(tf.reshape(weights, tf.concat([tf.shape(weights), tf.ones([x.shape.rank - 1], tf.int32)], 0)), x.dtype)
+    return op(x, w)

@@ -303,3 +303,53 @@ def test_multi_output_sampled_per_output_weighted_and_mixed_falls_back():
     with pytest.warns(UserWarning, match="output 'reg'"):
         model.fit(x, ys, epochs=1, verbose=0)
     assert mixed.estimator.fisher_used == "empirical"
+
+
+# --- sample/class weights and masks in the statistics ---------------------------
+def one_step_factors(model, x, y, loss, **fit_kw):
+    """A and G of every block after one statistics update of this batch."""
+    opt = keras_kfac.KFAC(learning_rate=0.0, stats_every=1, stats_decay=0.0, fisher="empirical")
+    model.compile(optimizer=opt, loss=loss)
+    model.fit(x, y, batch_size=len(x), epochs=1, verbose=0, shuffle=False, **fit_kw)
+    return opt
+
+
+@pytest.mark.parametrize("kind", ["sample_weight", "class_weight"])
+def test_weights_weight_the_statistics_as_the_loss(kind):
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 5)).astype("float32")
+    y = rng.integers(0, 3, 12)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3, name="out")])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    class_weight = {0: 0.5, 1: 2.0, 2: 0.0}
+    w = rng.random(12).astype("float32") * 2 if kind == "sample_weight" else np.array([class_weight[c] for c in y], "float32")
+    fit_kw = {"sample_weight": w} if kind == "sample_weight" else {"class_weight": class_weight}
+    opt = one_step_factors(model, x, y, loss, **fit_kw)
+    # per-example gradients of the unweighted losses w.r.t. the logits
+    layer = model.get_layer("out")
+    s = x @ layer.kernel.numpy() + layer.bias.numpy()
+    g = tf.nn.softmax(s).numpy() - np.eye(3)[y]
+    expected = (w[:, None] * g).T @ g / len(x)  # (1/n) sum_i w_i g_i g_i^T
+    np.testing.assert_allclose(opt.curvature_for("out").g.numpy(), expected, rtol=1e-4, atol=1e-7)
+
+
+def test_masked_positions_are_left_out_of_the_statistics():
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 6, (8, 5))
+    tokens[:, 3:] = 0  # padding
+    tokens[0, 1:] = 0
+    y = rng.integers(0, 2, 8)
+    inputs = keras.Input((5,), dtype="int32")
+    e = keras.layers.Embedding(6, 3, mask_zero=True, name="emb")(inputs)
+    h = keras.layers.Dense(4, activation="tanh", name="per_position")(e)
+    out = keras.layers.Dense(2, name="out")(keras.layers.GlobalAveragePooling1D()(h))
+    model = keras.Model(inputs, out)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    emb = model.get_layer("emb").embeddings.numpy()[tokens]  # before the fallback's step
+    opt = one_step_factors(model, tokens, y, loss)
+    valid = tokens != 0
+    a = np.concatenate([emb, np.ones(emb.shape[:2] + (1,), "float32")], -1) * valid[..., None]
+    expected_a = np.einsum("nti,ntj->ij", a, a) / len(tokens)  # unmasked positions only
+    np.testing.assert_allclose(opt.curvature_for("per_position").a.numpy(), expected_a, rtol=1e-5, atol=1e-6)
