@@ -6,22 +6,48 @@ model's supported layers (their instances, not their classes):
 * each block layer's ``call`` records its input and, with the layer's own
   activation temporarily set to linear, its pre-activation output ``s``; the
   activation is applied afterwards, so fused activations work;
-* ``fisher="empirical"``: an identity with a custom gradient on ``s`` records
+* empirical Fisher: an identity with a custom gradient on ``s`` records
   ``dL/ds`` during the ordinary backward pass (no extra cost);
-* ``fisher="sampled"``: the model's ``call`` runs under a persistent
+* sampled Fisher: the registered model's ``call`` runs under a persistent
   ``tf.GradientTape``; the optimizer later back-propagates sampled-target
   output gradients from the model output to every ``s`` (one extra backward
   pass, only on statistics steps).
 
-Recording happens only in training-mode forward passes under a gradient tape,
-and the records belong to one train step: they are replaced at the next
-training forward pass and only used from the graph that produced them, so no
-tensor leaks into evaluate/predict or across traced functions.
+A layer is instrumented once, however many optimizers use it (a GAN's
+generator and discriminator optimizers): its ``call`` is replaced by one
+hook that records into the current step of every subscribed
+:class:`Capture`, through one shared tap. The model's ``call``,
+``compute_loss`` and ``train_step`` hooks are shared the same way (each
+capture's handler wraps the next).
+
+Record lifecycle (one :class:`StepRecord` per capture and train step):
+
+* started by the registered model's training ``call`` (sampled Fisher: it
+  needs the model's output and a tape around it) or, lazily, by the first
+  recorded call of an instrumented layer, so sub-models called inside a
+  custom ``train_step`` (a VAE's encoder and decoder) are recorded without
+  the registered model ever being called;
+* ended by the owning optimizer's apply (:meth:`Capture.clear`), by the
+  start of the registered model's next ``train_step``, or when the graph it
+  was recorded in cannot reach the current one (a new trace);
+* recording happens only in training-mode calls under a gradient tape, so
+  no tensor leaks into evaluate/predict or across traced functions.
+
+Which uses of a layer count (empirical Fisher): a use whose backward pass
+never ran has no gradient and is dropped alone (a generator's layers called
+under the discriminator's tape). A use whose gradient came from an earlier
+backward pass than the latest one is stale and dropped too: each forward
+use and each gradient arrival is stamped with a global counter, and only
+uses whose gradient arrived after the last forward use that received one
+are kept, i.e. the uses of the last backward pass, which produced the
+gradients being applied (in a GAN the discriminator's layers also run in
+the generator's phase, where they receive the generator loss's gradient).
 """
 
 import collections
 import contextlib
 import inspect
+import itertools
 import weakref
 
 import keras
@@ -30,6 +56,10 @@ import tensorflow as tf
 from keras_kfac import compat
 from keras_kfac.curvature.base import LayerBatch
 from keras_kfac.layers.base import block_class_for_layer
+
+#: Orders forward uses and gradient arrivals (Python execution order, which
+#: is also the order of tracing in graph mode).
+_CLOCK = itertools.count()
 
 
 def _current_graph():
@@ -58,20 +88,65 @@ def _is_symbolic(x):
 
 
 class StepRecord:
-    """Tensors recorded by one training forward pass, per layer (keyed by
+    """Tensors recorded in one train step, per layer (keyed by
     ``id(layer)``), one entry per use of the layer."""
 
-    def __init__(self, tape):
+    def __init__(self, tape=None):
         self.graph = _current_graph()
         self.tape = tape
+        #: True while the registered model's call runs under ``tape``.
+        self.tape_active = False
+        #: Whether layer uses tap ``dL/ds`` (every Fisher but a decided
+        #: sampled one).
+        self.taps = True
         self.outputs = None
         self.inputs = collections.defaultdict(list)
         self.preactivations = collections.defaultdict(list)
         self.output_grads = collections.defaultdict(list)
+        #: Stamps (:data:`_CLOCK`) of each use's forward call and of its
+        #: gradient's arrival (None until the backward pass reaches it).
+        self.forward_times = collections.defaultdict(list)
+        self.grad_times = collections.defaultdict(list)
+        #: Each use's Keras mask of its input (None when unmasked).
+        self.masks = collections.defaultdict(list)
         #: ``(x, y, sample_weight)`` seen by ``model.compute_loss`` in this
         #: step (None in loops that do not call it); used by the quadratic
         #: model of :mod:`keras_kfac.quadratic` to re-evaluate the batch loss.
         self.loss_args = None
+
+    def add_use(self, key, inputs, s, mask):
+        self.inputs[key].append(inputs)
+        self.preactivations[key].append(s)
+        self.output_grads[key].append(None)
+        self.forward_times[key].append(next(_CLOCK))
+        self.grad_times[key].append(None)
+        self.masks[key].append(mask)
+        return len(self.inputs[key]) - 1
+
+    def set_gradient(self, key, slot, dy):
+        self.output_grads[key][slot] = dy
+        self.grad_times[key][slot] = next(_CLOCK)
+
+    def latest_uses(self, keys):
+        """``{key: [use index]}``: the uses of ``keys`` that received their
+        gradient from the last backward pass (see the module docstring)."""
+        cutoff = max(
+            (
+                f
+                for key in keys
+                for f, t in zip(self.forward_times.get(key, []), self.grad_times.get(key, []))
+                if t is not None
+            ),
+            default=None,
+        )
+        return {
+            key: [
+                i
+                for i, t in enumerate(self.grad_times.get(key, []))
+                if t is not None and t > cutoff
+            ]
+            for key in keys
+        }
 
 
 def candidate_layers(model):
@@ -83,11 +158,203 @@ def candidate_layers(model):
     ]
 
 
-class Capture:
-    """Instruments ``model``: its ``call`` and every layer of a supported type.
+# --- shared hooks -------------------------------------------------------------
+_HOOKS = {}
 
-    Which instrumented layers become curvature blocks is decided later, when
-    the optimizer is built (layers may not be built before the first call).
+
+class _Hook:
+    """One replacement of ``obj.<name>`` shared by every capture subscribed
+    to it; restores the original when the last one leaves."""
+
+    def __init__(self, obj, name):
+        self._ref = weakref.ref(obj)
+        self.name = name
+        self._had_own = name in obj.__dict__
+        self._own = obj.__dict__.get(name)
+        self.original = getattr(obj, name)
+        self.subscribers = {}  # id(capture) -> handler
+
+        def dispatch(*args, **kwargs):
+            return self.dispatch(*args, **kwargs)
+
+        dispatch.__wrapped__ = self.original
+        object.__setattr__(obj, name, dispatch)
+
+    @classmethod
+    def subscribe(cls, obj, name, capture, handler):
+        key = (id(obj), name)
+        hook = _HOOKS.get(key)
+        if hook is None or hook._ref() is not obj:
+            hook = _HOOKS[key] = cls(obj, name)
+        hook.subscribers[id(capture)] = handler
+        return hook
+
+    def unsubscribe(self, capture):
+        self.subscribers.pop(id(capture), None)
+        if self.subscribers:
+            return
+        obj = self._ref()
+        key = (id(obj), self.name) if obj is not None else None
+        if _HOOKS.get(key) is self:
+            del _HOOKS[key]
+        if obj is None:
+            return
+        if self._had_own:
+            object.__setattr__(obj, self.name, self._own)
+        else:
+            object.__delattr__(obj, self.name)
+
+    def dispatch(self, *args, **kwargs):
+        fn = self.original
+        for handler in list(self.subscribers.values()):
+            fn = _chained(handler, fn)
+        return fn(*args, **kwargs)
+
+
+def _chained(handler, inner):
+    return lambda *args, **kwargs: handler(inner, *args, **kwargs)
+
+
+class _LayerHook(_Hook):
+    """A block layer's ``call``: one forward and one tap for every
+    subscribed capture that records this call."""
+
+    def dispatch(self, inputs, *args, **kwargs):
+        layer = self._ref()
+        if layer is None or _is_symbolic(inputs):
+            return self.original(inputs, *args, **kwargs)
+        records = [
+            record
+            for record in (handler() for handler in list(self.subscribers.values()))
+            if record is not None
+        ]
+        if not records:
+            return self.original(inputs, *args, **kwargs)
+        key = id(layer)
+        mask = compat.keras_mask(inputs)
+        uses = []
+
+        def tap(s, recorded=None):
+            # ``recorded``: what the block's ``activations`` gets instead of
+            # the layer's inputs; a zero-argument callable is resolved when
+            # the forward returns (values computed after ``s``).
+            empirical = [r for r in records if r.taps]
+            if empirical:
+                s = _tap(s, [(r, key, len(r.inputs[key])) for r in empirical])
+            for record in records:
+                if record.tape_active:
+                    record.tape.watch(s)
+                uses.append((record, record.add_use(key, inputs if recorded is None else recorded, s, mask)))
+            return s
+
+        outputs = block_class_for_layer(layer).forward(layer, self.original, tap, inputs, *args, **kwargs)
+        for record, slot in uses:
+            x = record.inputs[key][slot]
+            if callable(x):
+                record.inputs[key][slot] = x()
+        return outputs
+
+
+def _tap(s, targets):
+    """Identity on ``s`` whose gradient is stored into every ``(record,
+    key, slot)`` of ``targets``."""
+
+    @tf.custom_gradient
+    def identity(x):
+        def grad(dy):
+            for record, key, slot in targets:
+                record.set_gradient(key, slot, dy)
+            return dy
+
+        return tf.identity(x), grad
+
+    return identity(s)
+
+
+def _location_mask(block, inputs, mask):
+    """``mask`` as float ``(n, T)`` over the block's locations of a use, or
+    None when the use is unmasked or its mask does not index the block's
+    locations (e.g. a convolution's patches)."""
+    if mask is None:
+        return None
+    locations = block.activations(inputs).shape[1]
+    per_example = mask.shape[1:].num_elements()
+    if locations is None or per_example != locations:
+        return None
+    return tf.reshape(tf.cast(mask, tf.float32), (tf.shape(mask)[0], locations))
+
+
+class _MaskedBatch(LayerBatch):
+    """A :class:`LayerBatch` whose masked locations (per use, ``(n, T)``
+    float masks, None for unmasked uses) have zero ``a`` and ``g``, so they
+    are left out of every statistic."""
+
+    def __init__(self, block, inputs, output_grads, grad_scale, masks):
+        super().__init__(block, inputs, output_grads, grad_scale)
+        self._masks = masks
+
+    def a(self):
+        parts = [self._masked(self.block.activations(x), m) for x, m in zip(self._inputs, self._masks)]
+        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
+
+    def g(self):
+        parts = [self._masked(self.block.output_gradients(d), m) for d, m in zip(self._output_grads, self._masks)]
+        g = parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
+        return g * tf.cast(self._grad_scale, tf.float32)
+
+    @staticmethod
+    def _masked(x, mask):
+        return x if mask is None else x * mask[..., None]
+
+
+def _layer_batch(block, inputs, grads, scale, masks):
+    masks = [_location_mask(block, x, m) for x, m in zip(inputs, masks)]
+    if all(m is None for m in masks):
+        return LayerBatch(block, inputs, grads, scale)
+    return _MaskedBatch(block, inputs, grads, scale, masks)
+
+
+def _sample_weight(record):
+    """The per-example weights ``(n,)`` given to ``compute_loss`` (sample
+    or class weights), or None."""
+    weight = None if record.loss_args is None else record.loss_args[2]
+    if weight is None or not tf.is_tensor(weight) and not hasattr(weight, "shape"):
+        return None
+    weight = tf.convert_to_tensor(weight)
+    if weight.shape.rank is None or weight.shape.rank > 2 or (weight.shape.rank == 2 and weight.shape[1] != 1):
+        return None  # per-position weights: see _output_weights
+    return tf.reshape(tf.cast(weight, tf.float32), (-1,))
+
+
+def _output_weights(record, output):
+    """Loss weights of one model output for the sampled gradient: the
+    sample weight given to ``compute_loss`` times the output's Keras mask
+    scaled as Keras's loss reduction scales it (valid entries
+    ``total / valid``, so the masked loss is the mean over unmasked
+    positions); None when neither is present."""
+    weight = None if record.loss_args is None else record.loss_args[2]
+    weight = None if weight is None or isinstance(weight, (dict, list, tuple)) else tf.cast(weight, tf.float32)
+    mask = compat.keras_mask(output)
+    if mask is not None:
+        mask = tf.cast(mask, tf.float32)
+        total = tf.cast(tf.size(mask), tf.float32)
+        mask = mask * tf.math.divide_no_nan(total, tf.reduce_sum(mask))
+        if weight is not None and weight.shape.rank < mask.shape.rank:
+            weight = tf.reshape(weight, tf.concat([tf.shape(weight), tf.ones([mask.shape.rank - weight.shape.rank], tf.int32)], 0))
+        weight = mask if weight is None else weight * mask
+    return weight
+
+
+class Capture:
+    """Instruments ``model`` (its ``call``, ``compute_loss``, ``train_step``)
+    and every layer of a supported type.
+
+    ``sampled``: True records the model's call under a persistent tape,
+    False taps ``dL/ds`` only, None (not decided yet, ``fisher="auto"``
+    before the optimizer is built) does both. Which instrumented layers
+    become curvature blocks is decided when the optimizer is built (layers
+    may not be built before the first call); :meth:`keep_layers` then drops
+    the others.
     """
 
     def __init__(self, model, sampled, layers=None, inference=False):
@@ -97,37 +364,40 @@ class Capture:
         # ``training=False``).
         self.sampled = sampled
         self.inference = inference
+        self._model_ref = weakref.ref(model)
         self._record = None
-        self._originals = []
         self._paused = False
-        self._wrap(model, "call", self._model_call(model.call))
-        if callable(getattr(model, "compute_loss", None)):
-            self._wrap(model, "compute_loss", self._loss_call(model.compute_loss))
+        self._hooks = []
+        self._layer_hooks = {}
+        self._hooks.append(_Hook.subscribe(model, "call", self, self._model_call))
+        for name, handler in (("compute_loss", self._loss_call), ("train_step", self._train_step)):
+            if callable(getattr(model, name, None)):
+                self._hooks.append(_Hook.subscribe(model, name, self, handler))
         for layer in candidate_layers(model) if layers is None else layers:
-            self._wrap(layer, "call", self._layer_call(layer))
+            self._layer_hooks[id(layer)] = _LayerHook.subscribe(layer, "call", self, self._layer_record)
+
+    def keep_layers(self, layers):
+        """Stop instrumenting every layer not in ``layers``."""
+        keep = {id(layer) for layer in layers}
+        for key in list(self._layer_hooks):
+            if key not in keep:
+                self._layer_hooks.pop(key).unsubscribe(self)
+
+    def remove(self):
+        """Undo this capture's instrumentation (shared hooks stay while
+        other captures use them)."""
+        for hook in list(self._layer_hooks.values()) + self._hooks:
+            hook.unsubscribe(self)
+        self._layer_hooks = {}
+        self._hooks = []
+        self._record = None
 
     def _records(self):
+        if self._paused:
+            return False
         if self.inference:
             return compat.tape_could_record()
         return compat.is_training_call()
-
-    def _wrap(self, obj, name, fn):
-        had_own = name in obj.__dict__
-        self._originals.append((weakref.ref(obj), name, had_own, obj.__dict__.get(name)))
-        object.__setattr__(obj, name, fn)
-
-    def remove(self):
-        """Restore every instrumented object to its original state."""
-        for ref, name, had_own, original in reversed(self._originals):
-            obj = ref()
-            if obj is None:
-                continue
-            if had_own:
-                object.__setattr__(obj, name, original)
-            else:
-                object.__delattr__(obj, name)
-        self._originals = []
-        self._record = None
 
     @contextlib.contextmanager
     def paused(self):
@@ -140,93 +410,54 @@ class Capture:
         finally:
             self._paused = previous
 
-    def _loss_call(self, original):
-        signature = inspect.signature(original)
+    def _new_record(self, tape=None):
+        record = StepRecord(tape)
+        # Taps are needed unless the sampled Fisher is decided.
+        record.taps = self.sampled is not True
+        self._record = record
+        return record
 
-        def compute_loss(*args, **kwargs):
-            record = self._record
-            if (
-                record is not None
-                and not self._paused
-                and _graph_reaches(record.graph, _current_graph())
-            ):
-                try:
-                    bound = signature.bind(*args, **kwargs).arguments
-                except TypeError:
-                    bound = {}
-                record.loss_args = (
-                    bound.get("x"),
-                    bound.get("y"),
-                    bound.get("sample_weight"),
-                )
+    def _layer_record(self):
+        """The record this layer call goes into (started lazily), or None
+        when the call is not recorded."""
+        if not self._records():
+            return None
+        record = self.current()
+        return record if record is not None else self._new_record()
+
+    def _train_step(self, original, *args, **kwargs):
+        self._record = None  # a new step: nothing of the previous one counts
+        return original(*args, **kwargs)
+
+    def _loss_call(self, original, *args, **kwargs):
+        record = self.current()
+        if record is not None and not self._paused:
+            try:
+                bound = inspect.signature(original).bind(*args, **kwargs).arguments
+            except TypeError:
+                bound = {}
+            record.loss_args = (bound.get("x"), bound.get("y"), bound.get("sample_weight"))
+        return original(*args, **kwargs)
+
+    def _model_call(self, original, *args, **kwargs):
+        if _is_symbolic(args) or not self._records():
             return original(*args, **kwargs)
-
-        compute_loss.__wrapped__ = original
-        return compute_loss
-
-    def _model_call(self, original):
-        def call(*args, **kwargs):
-            if self._paused or _is_symbolic(args) or not self._records():
-                return original(*args, **kwargs)
-            tape = tf.GradientTape(persistent=True) if self.sampled else None
-            record = StepRecord(tape)
-            self._record = record
-            if tape is None:
-                outputs = original(*args, **kwargs)
-            else:
+        if self.sampled is False:
+            record = self.current() or self._new_record()
+            outputs = original(*args, **kwargs)
+        else:
+            # The sampled Fisher back-propagates from this call's output, so
+            # the step's record starts here, under a persistent tape.
+            tape = tf.GradientTape(persistent=True)
+            record = self._new_record(tape)
+            record.tape_active = True
+            try:
                 with tape:
                     outputs = original(*args, **kwargs)
-            record.outputs = outputs
-            return outputs
-
-        call.__wrapped__ = original
-        return call
-
-    def _layer_call(self, layer):
-        original = layer.call
-        key = id(layer)
-
-        forward = block_class_for_layer(layer).forward
-
-        def call(inputs, *args, **kwargs):
-            record = self._record
-            if record is None or self._paused or _is_symbolic(inputs) or not self._records():
-                return original(inputs, *args, **kwargs)
-
-            def tap(s, recorded=None):
-                # ``recorded``: what the block's ``activations`` gets instead
-                # of the layer's inputs; a zero-argument callable is resolved
-                # when the forward returns (values computed after ``s``).
-                if record.tape is None:
-                    s = self._tap(record, key, s)
-                else:
-                    record.tape.watch(s)
-                record.inputs[key].append(inputs if recorded is None else recorded)
-                record.preactivations[key].append(s)
-                return s
-
-            outputs = forward(layer, original, tap, inputs, *args, **kwargs)
-            entries = record.inputs[key]
-            entries[:] = [x() if callable(x) else x for x in entries]
-            return outputs
-
-        call.__wrapped__ = original
-        return call
-
-    @staticmethod
-    def _tap(record, key, s):
-        slot = len(record.output_grads[key])
-        record.output_grads[key].append(None)
-
-        @tf.custom_gradient
-        def identity(x):
-            def grad(dy):
-                record.output_grads[key][slot] = dy
-                return dy
-
-            return tf.identity(x), grad
-
-        return identity(s)
+            finally:
+                record.tape_active = False
+        record.outputs = outputs
+        return outputs
 
     # --- reading a step ----------------------------------------------------
     def current(self):
@@ -239,13 +470,15 @@ class Capture:
     def clear(self):
         self._record = None
 
-    def batches(self, record, blocks, sampled_loss=None, seed=None, loss_scale=None, replicas=None):
+    def batches(self, record, blocks, sampled_losses=None, seed=None, loss_scale=None, replicas=None):
         """One :class:`LayerBatch` per block (None for a block the step did
         not use).
 
         Empirical: recorded ``dL/ds`` of the batch-mean loss, rescaled to
-        per-example gradients by ``n / loss_scale``. Sampled: a second backward
-        pass of sampled-target output gradients through the persistent tape.
+        per-example gradients by ``n / loss_scale``. Sampled
+        (``sampled_losses``: one :class:`keras_kfac.losses.SampledLoss` per
+        model output, with its compiled loss weight): a second backward pass
+        of sampled-target output gradients through the persistent tape.
 
         ``replicas`` (:class:`keras_kfac.distributed.Replicas`, under a
         tf.distribute strategy with several replicas): Keras scales each
@@ -254,45 +487,74 @@ class Capture:
         global batch's outputs and each replica keeps its own rows.
         """
         keys = [id(block.layer) for block in blocks]
-        if sampled_loss is None:
+        if sampled_losses is None:
+            uses = record.latest_uses(set(keys))
+            # Recorded gradients carry the sample weight w_i linearly; the
+            # Fisher of the weighted loss weights g_i g_i^T by w_i, so g_i is
+            # divided by sqrt(w_i) (zero-weight examples give zero).
+            weight = _sample_weight(record)
+            root = None if weight is None else tf.sqrt(tf.maximum(weight, 0.0))
             batches = []
             for block, key in zip(blocks, keys):
-                inputs = record.inputs.get(key, [])
-                grads = record.output_grads.get(key, [])
-                if not inputs or any(g is None for g in grads):
+                if not uses[key]:
                     batches.append(None)
                     continue
+                inputs = [record.inputs[key][i] for i in uses[key]]
+                grads = [record.output_grads[key][i] for i in uses[key]]
+                if root is not None:
+                    grads = [_per_example(tf.math.divide_no_nan, g, root) for g in grads]
                 n = tf.cast(tf.shape(inputs[0])[0], tf.float32)
                 if replicas is not None:
                     n = n * replicas.num_replicas
                 scale = n if loss_scale is None else n / loss_scale
-                batches.append(LayerBatch(block, inputs, grads, scale))
+                masks = [record.masks[key][i] for i in uses[key]]
+                batches.append(_layer_batch(block, inputs, grads, scale, masks))
             return batches
-        outputs = tf.nest.flatten(record.outputs)
-        if len(outputs) != 1:
+        if record.tape is None:
             raise ValueError(
-                "fisher='sampled' supports models with one output; this model "
-                f"has {len(outputs)}. Use KFAC(fisher='empirical')."
+                "fisher='sampled' back-propagates sampled targets from the "
+                "registered model's output, but this step never called the model "
+                "(a custom train_step that calls sub-models). Use "
+                "KFAC(fisher='empirical') or fisher='auto'."
             )
-        output = outputs[0]
-        if replicas is None:
-            dy = sampled_loss.output_gradient(output, seed)
-        else:
-            dy = sampled_loss.output_gradient(replicas.gather(output), seed)
-            dy = replicas.local_rows(dy, tf.shape(output)[0])
-        # Per-example output gradients are O(1), safe in float16 without a
-        # loss scale (which would overflow the float16 backward pass).
+        outputs = tf.nest.flatten(record.outputs)
+        if len(outputs) != len(sampled_losses):
+            raise ValueError(
+                f"fisher='sampled': the model returned {len(outputs)} outputs but "
+                f"{len(sampled_losses)} losses are compiled; use KFAC(fisher='empirical')."
+            )
+        dys = []
+        for output, sampled_loss in zip(outputs, sampled_losses):
+            weights = _output_weights(record, output)
+            if replicas is None:
+                dy = sampled_loss.output_gradient(output, seed, weights)
+            else:
+                if weights is not None:
+                    weights = replicas.gather(weights)
+                dy = sampled_loss.output_gradient(replicas.gather(output), seed, weights)
+                dy = replicas.local_rows(dy, tf.shape(output)[0])
+            # Per-example output gradients are O(1), safe in float16 without
+            # a loss scale (which would overflow the float16 backward pass).
+            dys.append(tf.cast(dy, output.dtype))
         targets = [s for key in keys for s in record.preactivations.get(key, [])]
-        grads = record.tape.gradient(
-            output, targets, output_gradients=tf.cast(dy, output.dtype)
-        )
+        grads = record.tape.gradient(outputs, targets, output_gradients=dys)
         batches, k = [], 0
         for block, key in zip(blocks, keys):
             inputs = record.inputs.get(key, [])
             uses = grads[k : k + len(inputs)]
             k += len(inputs)
-            if not inputs or any(g is None for g in uses):
+            masks = record.masks.get(key, [])
+            kept = [(x, g, m) for x, g, m in zip(inputs, uses, masks) if g is not None]
+            if not kept:
                 batches.append(None)
             else:
-                batches.append(LayerBatch(block, inputs, uses))
+                xs, gs, ms = zip(*kept)
+                batches.append(_layer_batch(block, list(xs), list(gs), 1.0, list(ms)))
         return batches
+
+
+def _per_example(op, x, weights):
+    """``op(x, w)`` with per-example ``weights`` ``(n,)`` broadcast over the
+    other axes of ``x``."""
+    w = tf.cast(tf.reshape(weights, tf.concat([tf.shape(weights), tf.ones([x.shape.rank - 1], tf.int32)], 0)), x.dtype)
+    return op(x, w)

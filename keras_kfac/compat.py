@@ -22,6 +22,9 @@ import tensorflow as tf
 # compat: keras.src.backend.common.global_state (keras 3.0 - 3.15.1)
 from keras.src.backend.common import global_state as _keras_global_state
 
+# compat: keras.src.backend (keras 3.6 - 3.15.1)
+from keras.src import backend as _keras_backend
+
 # compat: tensorflow.python.eager.record (tf 2.16 - 2.21)
 from tensorflow.python.eager import record as _tape_record
 
@@ -84,6 +87,15 @@ def compute_loss(model, x, y, y_pred, sample_weight):
     return model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
 
 
+def compiled_loss_weights(model):
+    """The ``loss_weights`` given to ``model.compile`` (None if none).
+    Private: ``Trainer._compile_config`` (keras 3.0 - 3.15.1); the public
+    ``get_compile_config()`` serializes the optimizer, which cannot run
+    inside a traced train step."""
+    config = getattr(model, "_compile_config", None)
+    return None if config is None else config.config.get("loss_weights")
+
+
 def loss_function(loss):
     """``(fn, kwargs)`` of a ``keras.losses.LossFunctionWrapper`` (every
     built-in loss class), or None.
@@ -95,9 +107,12 @@ def loss_function(loss):
 
 
 # --- model discovery ----------------------------------------------------------
-def on_optimizer_assignment(callback):
-    """Call ``callback(model, optimizer)`` whenever ``model.optimizer`` is
-    assigned (``model.compile`` does it), so an optimizer learns its model.
+def on_model_attribute(callback):
+    """Call ``callback(model, name, previous, value)`` whenever an attribute
+    of a ``keras.Model`` is assigned (``model.compile`` assigns
+    ``optimizer``; a GAN's overridden ``compile`` assigns ``d_optimizer``),
+    so an optimizer learns its model. ``previous``: the attribute's value
+    before (None if unset). Called for every assignment: keep it cheap.
     Private: ``keras.Model._setattr_hook`` (keras 3.0 - 3.15.1), wrapped
     once."""
     original = keras.Model._setattr_hook
@@ -105,16 +120,26 @@ def on_optimizer_assignment(callback):
         return
 
     def _setattr_hook(model, name, value):
+        previous = model.__dict__.get(name)
         name, value = original(model, name, value)
-        if name == "optimizer":
-            callback(model, value)
+        callback(model, name, previous, value)
         return name, value
 
     _setattr_hook._keras_kfac = True
     keras.Model._setattr_hook = _setattr_hook
 
 
-def model_on_call_stack(predicate, depth=12):
+def keras_mask(x):
+    """The Keras mask attached to tensor ``x`` (``Masking``,
+    ``Embedding(mask_zero=True)`` and the layers that propagate it), or None.
+    Private: ``backend.get_keras_mask`` (keras 3.6 - 3.15.1; the
+    ``_keras_mask`` tensor attribute before)."""
+    if not tf.is_tensor(x):
+        return None
+    return _keras_backend.get_keras_mask(x)
+
+
+def model_on_call_stack(predicate, depth=40):
     """The first ``keras.Model`` ``self`` of the calling frames for which
     ``predicate(model)`` holds (a model whose ``fit`` builds its optimizer
     before ``compile`` could tell it), or None. Frame locals are CPython

@@ -29,7 +29,7 @@ from keras_kfac.capture import Capture, candidate_layers
 from keras_kfac.curvature.base import Curvature, LayerBatch
 from keras_kfac.layers import LayerBlock, blocks_for_layer, unsupported_reason
 from keras_kfac.layers.base import BLOCK_OPTIONS, matrix_inner, scale_matrix
-from keras_kfac.losses import SampledLoss
+from keras_kfac.losses import SampledLoss, UnsupportedLossError
 
 #: Largest block (in parameters) for which ``matrix`` builds a dense matrix.
 MAX_DENSE_PARAMETERS = 8192
@@ -68,7 +68,8 @@ class CurvatureEstimator:
         model: the Keras model (held weakly: the model owns its optimizer).
         curvature: method name, or ``{layer_name: name}`` with an optional
             ``"default"``.
-        fisher: ``"sampled"`` or ``"empirical"``.
+        fisher: ``"auto"``, ``"sampled"`` or ``"empirical"`` (resolved by
+            :meth:`build`; ``fisher_used`` and ``fisher_reason`` say how).
         damping_mode: ``"factored"`` or ``"eigen"``.
         options: keyword arguments of the curvature classes, including the
             optimizer's cadence.
@@ -80,7 +81,8 @@ class CurvatureEstimator:
         self.fisher = fisher
         self.damping_mode = damping_mode
         self.options = dict(options)
-        self.capture = Capture(model, sampled=fisher == "sampled")
+        # "auto" is decided at build time: until then record for both.
+        self.capture = Capture(model, sampled={"sampled": True, "empirical": False}.get(fisher))
         self.blocks: List[LayerBlock] = []
         self.curvatures: List[Curvature] = []
         #: ``(layer, reason)`` of layers of a supported type left to the fallback.
@@ -88,7 +90,11 @@ class CurvatureEstimator:
         self.fallback_variables: List = []
         #: ``[(layer, variables)]`` of the variables outside every block.
         self.fallback_layers: List = []
-        self.sampled_loss: Optional[SampledLoss] = None
+        #: One :class:`SampledLoss` per model output (None: empirical Fisher).
+        self.sampled_losses: Optional[List[SampledLoss]] = None
+        #: ``"sampled"`` or ``"empirical"`` once built, and why.
+        self.fisher_used: Optional[str] = None
+        self.fisher_reason = ""
         self._block_keys: set = set()
 
     def model(self) -> Optional[keras.Model]:
@@ -97,6 +103,22 @@ class CurvatureEstimator:
     def remove(self) -> None:
         """Undo the model's instrumentation."""
         self.capture.remove()
+        self.capture = None
+
+    @property
+    def attached(self) -> bool:
+        return self.capture is not None
+
+    def attach(self) -> None:
+        """Instrument the model again after :meth:`remove` (the optimizer
+        was compiled with the same model again)."""
+        self.capture = Capture(self.model(), sampled=self._capture_mode())
+        if self.fisher_used is not None:
+            self.capture.keep_layers([b.layer for b in self.blocks])
+
+    def _capture_mode(self):
+        fisher = self.fisher_used or self.fisher
+        return {"sampled": True, "empirical": False}.get(fisher)
 
     # --- building ----------------------------------------------------------------
     def build(self, variables: Sequence, add_variable: Callable, key: Callable, loss=None) -> None:
@@ -119,10 +141,34 @@ class CurvatureEstimator:
         self._block_keys = {key(v) for b in self.blocks for v in b.variables}
         self.fallback_variables = [v for v in variables if key(v) not in self._block_keys]
         self.fallback_layers = _owning_layers(model, self.fallback_variables, key)
-        if self.fisher == "sampled" and self.blocks:
-            self.sampled_loss = SampledLoss.from_keras(
-                loss if loss is not None else getattr(model, "loss", None)
-            )
+        # Layers without a block of this optimizer (frozen, or another
+        # optimizer's in a GAN) are not recorded any more.
+        self.capture.keep_layers([b.layer for b in self.blocks])
+        if self.blocks:
+            self.fisher_used, self.fisher_reason = self._resolve_fisher(model, loss)
+        else:
+            self.fisher_used, self.fisher_reason = "empirical", "no curvature block"
+        self.capture.sampled = self.fisher_used == "sampled"
+
+    def _resolve_fisher(self, model, loss):
+        """``(fisher, reason)``; raises :class:`UnsupportedLossError` for
+        ``fisher="sampled"`` without a known likelihood."""
+        if self.fisher == "empirical":
+            return "empirical", "fisher='empirical'"
+        explicit = loss is not None
+        if not explicit:
+            loss = getattr(model, "loss", None)
+        try:
+            if self.fisher == "auto" and not explicit and type(model).train_step is not keras.Model.train_step:
+                raise UnsupportedLossError(
+                    loss, f"{type(model).__name__} overrides train_step, so the loss it minimises is not known"
+                )
+            self.sampled_losses = SampledLoss.for_outputs(loss, _output_names(model, loss), _loss_weights(model))
+        except UnsupportedLossError as error:
+            if self.fisher == "sampled":
+                raise
+            return "empirical", error.reason
+        return "sampled", "the loss has a known predictive distribution"
 
     def _build_block(self, layer, block, keys, add_variable, key) -> None:
         if not all(key(v) in keys for v in block.variables):
@@ -154,17 +200,25 @@ class CurvatureEstimator:
         return any(c.uses_current_batch for c in self.curvatures)
 
     # --- the step ---------------------------------------------------------------
-    def batches(self, record, seed=None, loss_scale=None, replicas=None) -> List[Optional[LayerBatch]]:
+    def present(self, variables, key) -> List[bool]:
+        """Per block: whether all its variables are among ``variables``."""
+        keys = {key(v) for v in variables}
+        return [all(key(w) in keys for w in block.variables) for block in self.blocks]
+
+    def batches(self, record, seed=None, loss_scale=None, replicas=None, present=None) -> List[Optional[LayerBatch]]:
         """This step's :class:`LayerBatch` per block (None for a block the
-        forward pass did not use); under several replicas, the global batch."""
+        forward pass did not use, or not ``present``); under several
+        replicas, the global batch."""
         batches = self.capture.batches(
             record,
             self.blocks,
-            sampled_loss=self.sampled_loss,
+            sampled_losses=self.sampled_losses,
             seed=seed,
             loss_scale=loss_scale,
             replicas=replicas,
         )
+        if present is not None:
+            batches = [b if p else None for b, p in zip(batches, present)]
         if replicas is not None:
             batches = replicas.gather_batches(batches)
         return batches
@@ -194,7 +248,10 @@ class CurvatureEstimator:
         """Each block's gradient as its matrix ``V`` (``(a_dim, g_dim)``)."""
         position = {key(v): i for i, v in enumerate(variables)}
         return [
-            block.to_matrix([grads[position[key(w)]] for w in block.variables]) for block in self.blocks
+            block.to_matrix([grads[position[key(w)]] for w in block.variables])
+            if all(key(w) in position for w in block.variables)
+            else tf.zeros((block.a_dim, block.g_dim))
+            for block in self.blocks
         ]
 
     def precondition(self, matrices, damping, batches=None) -> List[tf.Tensor]:
@@ -219,7 +276,8 @@ class CurvatureEstimator:
         position = {key(v): i for i, v in enumerate(variables)}
         for block, m in zip(self.blocks, matrices):
             for w, d in zip(block.variables, block.from_matrix(m)):
-                into[position[key(w)]] = tf.cast(d, w.dtype)
+                if key(w) in position:
+                    into[position[key(w)]] = tf.cast(d, w.dtype)
         return into
 
     # --- inspection -----------------------------------------------------------
@@ -247,7 +305,8 @@ class CurvatureEstimator:
         return self.curvatures[i].matrix()
 
     def summary_rows(self) -> List[str]:
-        rows = [f"{'layer':<28}{'type':<20}{'curvature':<16}{'A':>8}{'G':>8}  structure"]
+        rows = [f"Fisher: {self.fisher_used} ({self.fisher_reason})"] if self.fisher_used else []
+        rows += [f"{'layer':<28}{'type':<20}{'curvature':<16}{'A':>8}{'G':>8}  structure"]
         for block, curvature in zip(self.blocks, self.curvatures):
             rows.append(
                 f"{block.name:<28}{type(block.layer).__name__:<20}{curvature.name:<16}"
@@ -314,15 +373,39 @@ def _owning_layers(model, variables, key) -> List:
 
 
 def register_model_discovery(optimizer_class) -> None:
-    """``model.compile`` assigns ``model.optimizer``: an ``optimizer_class``
-    instance (or one wrapped in a LossScaleOptimizer) learns its model there."""
+    """An ``optimizer_class`` instance (or one wrapped in a
+    LossScaleOptimizer) learns its model when assigned to a model attribute:
+    ``model.compile`` assigns ``model.optimizer`` (the optimizer follows it
+    to a new model until it is built); an overridden ``compile`` that keeps
+    several optimizers (a GAN's ``self.d_optimizer = d_optimizer``) assigns
+    others, and each registers the model if it has none yet. An optimizer
+    replaced as ``model.optimizer`` (recompiling with a new one) stops
+    instrumenting the model."""
 
-    def on_assignment(model, optimizer):
-        inner = unwrap(optimizer)
-        if isinstance(inner, optimizer_class):
-            inner.register(model)
+    def on_attribute(model, name, previous, value):
+        new = unwrap(value) if isinstance(value, keras.optimizers.Optimizer) else None
+        old = unwrap(previous) if isinstance(previous, keras.optimizers.Optimizer) else None
+        if name == "optimizer" and isinstance(old, optimizer_class) and old is not new:
+            old.release(model)
+        if isinstance(new, optimizer_class):
+            if name == "optimizer" or new.estimator is None:
+                new.register(model)
 
-    compat.on_optimizer_assignment(on_assignment)
+    compat.on_model_attribute(on_attribute)
+
+
+def _output_names(model, loss) -> List[str]:
+    """The model's output names in ``tf.nest.flatten`` order of its
+    outputs (one placeholder name for a single output)."""
+    names = list(getattr(model, "output_names", None) or [])
+    if isinstance(loss, dict) and isinstance(getattr(model, "output", None), dict):
+        names = sorted(names)
+    return names if len(names) > 1 or isinstance(loss, (list, tuple, dict)) else ["output"]
+
+
+def _loss_weights(model):
+    """The ``loss_weights`` given to ``model.compile`` (None if none)."""
+    return compat.compiled_loss_weights(model)
 
 
 def unwrap(optimizer):

@@ -118,10 +118,11 @@ class StepMonitor:
 
     def _check_fidelity_layers(self, names):
         opt = self._optimizer_ref
-        if names and opt.fisher != "sampled":
+        if names and opt.estimator.fisher_used != "sampled":
             raise ValueError(
-                "fidelity_layers needs KFAC(fisher='sampled'): the exact block is "
-                "computed through the sampled-Fisher pass's tape."
+                "fidelity_layers needs the sampled Fisher (KFAC(fisher='sampled'), or "
+                "'auto' with a supported loss): the exact block is computed through "
+                "the sampled-Fisher pass's tape."
             )
         known = {b.name: b for b in opt.estimator.blocks}
         for name in names:

@@ -23,7 +23,7 @@ from keras_kfac.estimator import (
 from keras_kfac.graph_util import run_if
 from keras_kfac.monitoring import StepMonitor
 
-FISHER_TYPES = ("sampled", "empirical")
+FISHER_TYPES = ("auto", "sampled", "empirical")
 DAMPING_MODES = ("factored", "eigen")
 
 
@@ -71,9 +71,19 @@ class KFAC(keras.optimizers.Optimizer):
         curvature: name of the per-layer approximation
             (``keras_kfac.curvature.available()``), or a dict
             ``{layer_name: name}`` with an optional ``"default"`` entry.
-        fisher: ``"sampled"`` (targets drawn from the model's predictive
-            distribution; needs a supported loss) or ``"empirical"`` (the
-            training labels' gradients; any loss).
+        fisher: ``"auto"`` (default: the sampled Fisher when every model
+            output's loss has a known predictive distribution, see
+            :mod:`keras_kfac.losses`, else the empirical one, said once in a
+            warning and by ``summary()``: custom losses, no compiled loss, an
+            overridden ``train_step`` unless ``loss=`` is given),
+            ``"sampled"`` (targets drawn from the model's predictive
+            distribution; an unsupported loss is an error) or
+            ``"empirical"`` (the training labels' gradients; any loss).
+            ``add_loss`` terms and weight regularizers are in the gradient
+            but outside the curvature. Sample and class weights weight the
+            statistics as they weight the loss; masked positions of a
+            layer's input (``Masking``, ``Embedding(mask_zero=True)``) are
+            left out of its statistics.
         damping_mode: ``"factored"`` (sec. 6.3: ``(A + pi*gamma I)^-1 V (G +
             gamma/pi I)^-1``) or ``"eigen"`` (exact ``(kron(A,G) + lambda I)^-1``).
         stats_decay: running-average decay of the statistics per statistics
@@ -112,7 +122,7 @@ class KFAC(keras.optimizers.Optimizer):
         damping=1e-2,
         momentum=0.9,
         curvature="kfac",
-        fisher="sampled",
+        fisher="auto",
         damping_mode="factored",
         stats_decay=0.5,
         stats_every=10,
@@ -197,19 +207,15 @@ class KFAC(keras.optimizers.Optimizer):
         if not isinstance(model, keras.Model):
             raise TypeError(f"KFAC.register expects a keras.Model, got {type(model).__name__}.")
         if self._model() is model:
+            if not self._estimator.attached:
+                self._estimator.attach()
             return
         if self.built:
             raise ValueError(
                 "This KFAC optimizer is already built for another model; create a "
                 "new KFAC() for each model."
             )
-        if self.fisher == "sampled" and len(getattr(model, "outputs", None) or []) > 1:
-            raise ValueError(
-                f"fisher='sampled' supports models with one output; {model.name!r} has "
-                f"{len(model.outputs)}. Use KFAC(fisher='empirical'), which works with "
-                "several outputs and losses."
-            )
-        if self._estimator is not None:
+        if self._estimator is not None and self._estimator.attached:
             self._estimator.remove()
         options = dict(
             {"stats_every": self.stats_every, "inverse_every": self.inverse_every},
@@ -218,6 +224,12 @@ class KFAC(keras.optimizers.Optimizer):
         self._estimator = CurvatureEstimator(
             model, self.curvature, self.fisher, self.damping_mode, options
         )
+
+    def release(self, model):
+        """Stop instrumenting ``model`` (it was compiled with another
+        optimizer); compiling it with this one again resumes."""
+        if self._model() is model and self._estimator.attached:
+            self._estimator.remove()
 
     @property
     def fallback_optimizer(self):
@@ -241,7 +253,7 @@ class KFAC(keras.optimizers.Optimizer):
         is building this optimizer."""
         if self._model() is not None:
             return self._model()
-        model = compat.model_on_call_stack(lambda m: unwrap(getattr(m, "optimizer", None)) is self)
+        model = compat.model_on_call_stack(self._belongs_to)
         if model is None:
             raise ValueError(
                 "KFAC could not find the model it optimizes. Use "
@@ -251,6 +263,14 @@ class KFAC(keras.optimizers.Optimizer):
             )
         self.register(model)
         return model
+
+    def _belongs_to(self, model):
+        """Whether ``model`` holds this optimizer as an attribute (its
+        ``optimizer``, or e.g. a GAN's ``d_optimizer``)."""
+        return any(
+            isinstance(value, keras.optimizers.Optimizer) and unwrap(value) is self
+            for value in list(vars(model).values())
+        )
 
     def _key(self, variable):
         return compat.variable_key(self, variable)
@@ -290,6 +310,13 @@ class KFAC(keras.optimizers.Optimizer):
                 self._previous_updates[index] = self.add_variable_from_reference(v, "previous_update")
             elif self.momentum > 0:
                 self._momentums[index] = self.add_variable_from_reference(v, "momentum")
+        if self.fisher == "auto" and estimator.fisher_used == "empirical" and estimator.blocks:
+            warnings.warn(
+                f"KFAC(fisher='auto') uses the empirical Fisher for {model.name!r}: "
+                f"{estimator.fisher_reason}. Pass fisher='empirical' to silence this, or "
+                "loss=<a supported loss> for the sampled Fisher (see KFAC.summary()).",
+                stacklevel=2,
+            )
         if not estimator.blocks:
             warnings.warn(
                 f"KFAC found no layer with a curvature block in {model.name!r}; every "
@@ -455,10 +482,17 @@ class KFAC(keras.optimizers.Optimizer):
             )
         damping = self.damping
         step = self.iterations
+        # Blocks whose variables this step does not update (frozen since the
+        # optimizer was built) get no statistics and no update.
+        present = estimator.present(variables, self._key)
 
         def batches():
             return estimator.batches(
-                record, seed=self._seed_generator, loss_scale=self._loss_scale(), replicas=self._replicas
+                record,
+                seed=self._seed_generator,
+                loss_scale=self._loss_scale(),
+                replicas=self._replicas,
+                present=present,
             )
 
         current = batches() if estimator.uses_current_batch else None
@@ -697,7 +731,7 @@ def _validate(
     damping=1.0,
     momentum=0.0,
     curvature="kfac",
-    fisher="sampled",
+    fisher="auto",
     damping_mode="factored",
     stats_decay=0.0,
     stats_every=1,
@@ -717,7 +751,7 @@ def _validate(
     for name in names:
         curvature_lib.get(name)
     if fisher not in FISHER_TYPES:
-        raise ValueError(f"Unknown fisher={fisher!r}: use 'sampled' or 'empirical'.")
+        raise ValueError(f"Unknown fisher={fisher!r}: use 'auto', 'sampled' or 'empirical'.")
     if damping_mode not in DAMPING_MODES:
         raise ValueError(f"Unknown damping_mode={damping_mode!r}: use 'factored' or 'eigen'.")
     if not 0.0 <= stats_decay < 1.0:

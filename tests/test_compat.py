@@ -114,3 +114,22 @@ def test_distribution_shims_under_mirrored_strategy():
     assert result["collective_launcher"]
     assert result["all_reduced"] == [2.0, 2.0]
     assert result["local_copies"] == [2.0, 3.0]  # each replica wrote only its copy
+
+
+def test_model_attribute_hook_mask_and_loss_weights():
+    seen = []
+    compat.on_model_attribute(lambda *args: None)  # installed once: a no-op again
+    holder = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    opt = keras_kfac.KFAC()
+    holder.d_optimizer = opt  # any attribute registers an optimizer without a model
+    assert opt.estimator.model() is holder
+    seen.append(holder.__dict__.get("d_optimizer") is opt)
+    assert seen == [True]
+    embedded = keras.layers.Embedding(5, 3, mask_zero=True)(tf.constant([[1, 0, 2]]))
+    np.testing.assert_array_equal(compat.keras_mask(embedded).numpy(), [[True, False, True]])
+    assert compat.keras_mask(tf.ones((2,))) is None and compat.keras_mask(None) is None
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, [keras.layers.Dense(1)(inputs), keras.layers.Dense(1)(inputs)])
+    model.compile(loss=["mse", "mse"], loss_weights=[0.5, 2.0])
+    assert compat.compiled_loss_weights(model) == [0.5, 2.0]
+    assert compat.compiled_loss_weights(keras.Sequential([keras.layers.Dense(1)])) is None

@@ -103,18 +103,28 @@ def test_sampled_fisher_binary_crossentropy_is_the_gauss_newton_matrix():
     assert rel(G, expected) < 0.12
 
 
-def test_unsupported_loss_with_sampled_fisher_says_use_empirical():
+def test_unsupported_loss_auto_falls_back_to_empirical_and_sampled_says_why():
     x, y = classification_data()
     model = mlp()
 
     def my_loss(y_true, y_pred):
         return tf.reduce_mean(tf.square(y_pred))
 
-    model.compile(optimizer=keras_kfac.KFAC(), loss=my_loss)
+    model.compile(optimizer=keras_kfac.KFAC(fisher="sampled"), loss=my_loss)
     with pytest.raises(ValueError, match="fisher='empirical'"):
         model.fit(x, y, epochs=1, verbose=0)
-    model.compile(optimizer=keras_kfac.KFAC(fisher="empirical"), loss=my_loss)
+    opt = keras_kfac.KFAC()  # fisher="auto"
+    model.compile(optimizer=opt, loss=my_loss)
+    with pytest.warns(UserWarning, match="empirical Fisher .* custom loss has no known likelihood"):
+        model.fit(x, y, epochs=1, verbose=0)
+    assert opt.estimator.fisher_used == "empirical"
+    assert "Fisher: empirical (a custom loss" in opt.summary(print_fn=lambda s: None)
+    supported = keras_kfac.KFAC()
+    model.compile(optimizer=supported, loss=SCCE)
     model.fit(x, y, epochs=1, verbose=0)
+    assert supported.estimator.fisher_used == "sampled"
+    # the replaced optimizers no longer instrument the model
+    assert opt.estimator.capture is None
 
 
 # --- training in every way Keras trains ----------------------------------------
