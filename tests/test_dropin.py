@@ -306,9 +306,15 @@ def test_multi_output_sampled_per_output_weighted_and_mixed_falls_back():
 
 
 # --- sample/class weights and masks in the statistics ---------------------------
-def one_step_factors(model, x, y, loss, **fit_kw):
+def one_step_factors(model, x, y, loss, curvature_options=None, **fit_kw):
     """A and G of every block after one statistics update of this batch."""
-    opt = keras_kfac.KFAC(learning_rate=0.0, stats_every=1, stats_decay=0.0, fisher="empirical")
+    opt = keras_kfac.KFAC(
+        learning_rate=0.0,
+        stats_every=1,
+        stats_decay=0.0,
+        fisher="empirical",
+        curvature_options=curvature_options,
+    )
     model.compile(optimizer=opt, loss=loss)
     model.fit(x, y, batch_size=len(x), epochs=1, verbose=0, shuffle=False, **fit_kw)
     return opt
@@ -347,8 +353,9 @@ def test_masked_positions_are_left_out_of_the_statistics():
     out = keras.layers.Dense(2, name="out")(keras.layers.GlobalAveragePooling1D()(h))
     model = keras.Model(inputs, out)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    emb = model.get_layer("emb").embeddings.numpy()[tokens]  # before the fallback's step
-    opt = one_step_factors(model, tokens, y, loss)
+    emb = model.get_layer("emb").embeddings.numpy()[tokens]  # before the step
+    # K-FAC-expand: A sums over the (unmasked) positions.
+    opt = one_step_factors(model, tokens, y, loss, curvature_options={"weight_sharing": "expand"})
     valid = tokens != 0
     a = np.concatenate([emb, np.ones(emb.shape[:2] + (1,), "float32")], -1) * valid[..., None]
     expected_a = np.einsum("nti,ntj->ij", a, a) / len(tokens)  # unmasked positions only
