@@ -13,6 +13,7 @@ model), written here.
 """
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -23,6 +24,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from keras_kfac import compat  # noqa: E402
 from keras_kfac.capture import candidate_layers  # noqa: E402
 from keras_kfac.layers import blocks_for_layer  # noqa: E402
 
@@ -40,9 +42,14 @@ def coverage(model):
                 covered[id(v)] = v
     total = model.trainable_variables
     covered = {id(v): v for v in total if id(v) in covered}
-    missing = [v for v in total if id(v) not in covered]
-    kinds = sorted({v.path.split("/")[-2] if "/" in v.path else v.path for v in missing})
-    return count(covered.values()), count(total), kinds
+    missing = {id(v) for v in total if id(v) not in covered}
+    owners = {}
+    for layer in compat.flatten_layers(model):
+        for v in layer.trainable_weights:
+            if id(v) in missing:
+                owners[id(v)] = layer  # innermost owner last
+    kinds = collections.Counter(type(layer).__name__ for layer in {id(l): l for l in owners.values()}.values())
+    return count(covered.values()), count(total), [f"{n} x{k}" for n, k in sorted(kinds.items())]
 
 
 class TransformerBlock(keras.layers.Layer):
@@ -154,7 +161,8 @@ def main(argv=None):
         keras.backend.clear_session()
         covered, total, kinds = coverage(MODELS[name]())
         rows.append(dict(model=name, total=total, covered=covered, share=covered / total, fallback=kinds))
-        print(f"| {name} | {total:,} | {covered:,} | {100 * covered / total:.1f}% | {', '.join(kinds) or '-'} |")
+        share = 100 * covered / total
+        print(f"| {name} | {total:,} | {covered:,} | {share:.2f}% | {', '.join(kinds) or '-'} |")
         sys.stdout.flush()
     if args.json:
         with open(args.json, "w") as f:
