@@ -81,11 +81,17 @@ def run_program(name, optimizer, quick=False, timeout=None, seed=None):
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     started = time.perf_counter()
     # The machine is shared: the load next to each time says how much of it was ours.
-    record = {"program": name, "optimizer": optimizer, "quick": quick, "error": None,
-              "load_before": round(os.getloadavg()[0], 1)}
+    record = {
+        "program": name,
+        "optimizer": optimizer,
+        "quick": quick,
+        "error": None,
+        "load_before": round(os.getloadavg()[0], 1),
+    }
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"") + (e.stderr or b"")
         out = out.decode(errors="replace") if isinstance(out, bytes) else out
@@ -100,7 +106,7 @@ def run_program(name, optimizer, quick=False, timeout=None, seed=None):
         record["log_tail"] = output.strip().splitlines()[-40:]
         record["seconds"] = round(time.perf_counter() - started, 1)
         return record
-    payload = json.loads(results[-1][len(RESULT_TAG):])
+    payload = json.loads(results[-1][len(RESULT_TAG) :])
     for key in ("loss", "metric"):  # non-finite numbers arrive as strings ('nan', 'inf')
         if isinstance(payload[key], str):
             payload[key] = float(payload[key])
@@ -149,8 +155,10 @@ def _load_note(rows):
     loads = [r[o]["load_before"] for r in rows for o in ("own", "kfac") if "load_before" in r[o]]
     if not loads:
         return ""
-    return (f"Load average (1 min) before each run: {min(loads):g} to {max(loads):g} "
-            f"(shared machine: times are inflated when it exceeds the 2 cores). ")
+    return (
+        f"Load average (1 min) before each run: {min(loads):g} to {max(loads):g} "
+        f"(shared machine: times are inflated when it exceeds the 2 cores). "
+    )
 
 
 def markdown(rows, quick, command):
@@ -165,10 +173,10 @@ def markdown(rows, quick, command):
         "arguments). Loss: final training loss; metric: the program's main metric "
         "(name in the table, ↑ higher / ↓ lower is better); time: wall seconds of the "
         "whole program (data, compile, training, evaluation).",
-        f"Rule for \"KFAC equal or better?\": accuracy-like metrics (↑): KFAC ≥ own − "
+        f'Rule for "KFAC equal or better?": accuracy-like metrics (↑): KFAC ≥ own − '
         f"{ACCURACY_SLACK}; loss-like metrics (↓): KFAC ≤ own + {LOSS_SLACK:.1%} of |own|. "
         f"And KFAC's final training loss ≤ {BLOWUP:g} × own's. "
-        "A KFAC() error, timeout or non-finite result is a \"no\".",
+        'A KFAC() error, timeout or non-finite result is a "no".',
         "",
         "| program | exercises | metric | own loss | own metric | own s | own error "
         "| KFAC loss | KFAC metric | KFAC s | KFAC error | KFAC equal or better? |",
@@ -180,10 +188,16 @@ def markdown(rows, quick, command):
         metric = ""
         if meta.get("metric_name"):
             metric = meta["metric_name"] + (" ↑" if meta["higher_is_better"] else " ↓")
-        lines.append("| " + " | ".join(
-            [row["program"], PROGRAMS[row["program"]], metric]
-            + _cells(own) + _cells(kfac) + [row["verdict"]]
-        ) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [row["program"], PROGRAMS[row["program"]], metric]
+                + _cells(own)
+                + _cells(kfac)
+                + [row["verdict"]]
+            )
+            + " |"
+        )
     judged = [r for r in rows if r["verdict"]]
     yes = sum(r["verdict"] == "yes" for r in judged)
     lines += ["", f"KFAC() equal or better on {yes} of {len(judged)} programs with a verdict."]
@@ -194,8 +208,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few training steps per run")
     parser.add_argument("--only", default="", help="comma-separated program names")
-    parser.add_argument("--timeout", type=float, default=None,
-                        help="seconds per run (default 600, 240 with --quick)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds per run (default 600, 240 with --quick)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="passed to every program")
     args = parser.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or list(PROGRAMS)
@@ -210,24 +228,41 @@ def main(argv=None):
         for optimizer in ("own", "kfac"):
             r = run_program(name, optimizer, quick=args.quick, timeout=timeout, seed=args.seed)
             row[optimizer] = r
-            print(f"{name:32s} {optimizer:4s} "
-                  + (f"ERROR {r['error']}" if r["error"] else
-                     f"loss {_fmt(r['loss'])}  {r['metric_name']} {_fmt(r['metric'])}  "
-                     f"{r['seconds']} s"), flush=True)
+            print(
+                f"{name:32s} {optimizer:4s} "
+                + (
+                    f"ERROR {r['error']}"
+                    if r["error"]
+                    else f"loss {_fmt(r['loss'])}  {r['metric_name']} {_fmt(r['metric'])}  "
+                    f"{r['seconds']} s"
+                ),
+                flush=True,
+            )
         row["verdict"] = verdict(row["own"], row["kfac"])
         rows.append(row)
 
     os.makedirs(RESULTS, exist_ok=True)
     stem = os.path.join(RESULTS, "clients" + ("_quick" if args.quick else ""))
-    command = "python benchmarks/clients.py" + (" " + " ".join(argv if argv is not None
-                                                              else sys.argv[1:])).rstrip()
+    command = (
+        "python benchmarks/clients.py"
+        + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    )
     with open(stem + ".md", "w") as f:
         f.write(markdown(rows, args.quick, command))
     with open(stem + ".json", "w") as f:
-        json.dump({"command": command, "machine": machine(), "quick": args.quick,
-                   "accuracy_slack": ACCURACY_SLACK, "loss_slack": LOSS_SLACK,
-                   "blowup": BLOWUP,
-                   "rows": rows}, f, indent=1)
+        json.dump(
+            {
+                "command": command,
+                "machine": machine(),
+                "quick": args.quick,
+                "accuracy_slack": ACCURACY_SLACK,
+                "loss_slack": LOSS_SLACK,
+                "blowup": BLOWUP,
+                "rows": rows,
+            },
+            f,
+            indent=1,
+        )
     print(f"wrote {stem}.md and {stem}.json")
     return rows
 

@@ -48,7 +48,9 @@ def coverage(model):
         for v in layer.trainable_weights:
             if id(v) in missing:
                 owners[id(v)] = layer  # innermost owner last
-    kinds = collections.Counter(type(layer).__name__ for layer in {id(l): l for l in owners.values()}.values())
+    kinds = collections.Counter(
+        type(layer).__name__ for layer in {id(owner): owner for owner in owners.values()}.values()
+    )
     return count(covered.values()), count(total), [f"{n} x{k}" for n, k in sorted(kinds.items())]
 
 
@@ -89,7 +91,9 @@ def transformer_classifier(length=200, vocab=20000, dim=32, heads=2, hidden=32):
     x = keras.layers.GlobalAveragePooling1D()(x)
     x = keras.layers.Dropout(0.1)(x)
     x = keras.layers.Dense(20, activation="relu")(x)
-    return keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x), name="transformer_text")
+    return keras.Model(
+        inputs, keras.layers.Dense(2, activation="softmax")(x), name="transformer_text"
+    )
 
 
 class PatchEncoder(keras.layers.Layer):
@@ -160,7 +164,9 @@ def main(argv=None):
     for name in names:
         keras.backend.clear_session()
         covered, total, kinds = coverage(MODELS[name]())
-        rows.append(dict(model=name, total=total, covered=covered, share=covered / total, fallback=kinds))
+        rows.append(
+            dict(model=name, total=total, covered=covered, share=covered / total, fallback=kinds)
+        )
         share = 100 * covered / total
         print(f"| {name} | {total:,} | {covered:,} | {share:.2f}% | {', '.join(kinds) or '-'} |")
         sys.stdout.flush()

@@ -31,8 +31,18 @@ import numpy as np  # noqa: E402
 import keras_kfac  # noqa: E402
 from keras_kfac import datasets  # noqa: E402
 
-METHODS = ("kfac", "ekfac", "kpsvd", "deflation", "lanczos", "kfac_corrected",
-           "tengrad", "cgfac", "diagonal", "auto")
+METHODS = (
+    "kfac",
+    "ekfac",
+    "kpsvd",
+    "deflation",
+    "lanczos",
+    "kfac_corrected",
+    "tengrad",
+    "cgfac",
+    "diagonal",
+    "auto",
+)
 
 
 def small_autoencoder(pixels, seed=0):
@@ -117,13 +127,20 @@ def main(argv=None):
     )
     with open(args.out + ".json", "w") as f:
         json.dump(dict(description=desc, rows=rows), f, indent=2)
-    lines = ["# Training with each curvature method", "", desc + ".", "",
-             "| method | blocks | ms/step | vs kfac | first loss | final loss (last 10) | NaN |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Training with each curvature method",
+        "",
+        desc + ".",
+        "",
+        "| method | blocks | ms/step | vs kfac | first loss | final loss (last 10) | NaN |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         vs = "" if r["vs_kfac"] is None else f"{r['vs_kfac']:.2f}"
-        lines.append(f"| {r['method']} | {', '.join(r['blocks'])} | {r['median_ms']:.1f} | {vs} | "
-                     f"{r['first_loss']:.1f} | {r['final_loss']:.1f} | {r['nan']} |")
+        lines.append(
+            f"| {r['method']} | {', '.join(r['blocks'])} | {r['median_ms']:.1f} | {vs} | "
+            f"{r['first_loss']:.1f} | {r['final_loss']:.1f} | {r['nan']} |"
+        )
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -50,7 +50,10 @@ class Antirectifier(layers.Layer):
     def build(self, input_shape):
         output_dim = input_shape[-1]
         self.kernel = self.add_weight(
-            shape=(output_dim * 2, output_dim), initializer=self.initializer, name="kernel", trainable=True
+            shape=(output_dim * 2, output_dim),
+            initializer=self.initializer,
+            name="kernel",
+            trainable=True,
         )
 
     def call(self, inputs):
@@ -72,7 +75,8 @@ class LinearMoE(layers.Layer):
         super().__init__(**kwargs)
         init = keras.initializers.RandomNormal(mean=0.0, stddev=0.001)
         self.experts = [
-            layers.Dense(hidden_size, kernel_initializer=init, name=f"expert_{i}") for i in range(num_experts)
+            layers.Dense(hidden_size, kernel_initializer=init, name=f"expert_{i}")
+            for i in range(num_experts)
         ]
         self.gating_network = layers.Dense(num_experts, kernel_initializer=init, name="gate")
         self.top_k = top_k
@@ -86,7 +90,9 @@ class LinearMoE(layers.Layer):
         gates = ops.softmax(self.gating_network(x))
         entropy = -ops.sum(gates * ops.log(gates + 1e-10), axis=1)
         importance = ops.sum(gates, axis=0)
-        self.add_loss(0.01 * (-ops.mean(entropy) + ops.mean(ops.square(importance - ops.mean(importance)))))
+        self.add_loss(
+            0.01 * (-ops.mean(entropy) + ops.mean(ops.square(importance - ops.mean(importance))))
+        )
         top_w, top_i = tf.math.top_k(gates, k=self.top_k)
         outputs = ops.stack([e(x) for e in self.experts], axis=1)  # (n, E, hidden)
         chosen = tf.gather(outputs, top_i, batch_dims=1)  # (n, k, hidden)
@@ -154,7 +160,9 @@ class StepLog(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         opt = self.model.optimizer
         if isinstance(opt, keras_kfac.KFAC):
-            keras_kfac.callbacks.kfac_optimizer(self.model).track_diagnostics(self.every, histograms=False)
+            keras_kfac.callbacks.kfac_optimizer(self.model).track_diagnostics(
+                self.every, histograms=False
+            )
             if opt.monitor.trace_is_stale() and self.model.train_function is not None:
                 self.model.make_train_function(force=True)
 
@@ -178,9 +186,7 @@ class StepLog(keras.callbacks.Callback):
 
 def evaluate(model, x, y):
     logits = model.predict(x, batch_size=1000, verbose=0)
-    loss = float(
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, logits).numpy()
-    )
+    loss = float(keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, logits).numpy())
     acc = float(np.mean(np.argmax(logits, -1) == y))
     return loss, acc, float(np.mean(np.abs(logits))), float(np.max(np.abs(logits)))
 
@@ -190,9 +196,7 @@ def run(model_name, spec, data, epochs, batch, seed, diag_every):
     keras.utils.set_random_seed(seed)
     model = build_model(model_name)
     opt = make_optimizer(spec)
-    model.compile(
-        optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    )
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     log = StepLog(diag_every)
     callbacks = [log]
     rows = []
@@ -200,8 +204,16 @@ def run(model_name, spec, data, epochs, batch, seed, diag_every):
     fixed = rng.choice(len(x), size=min(5000, len(x)), replace=False)
     start = time.time()
     for epoch in range(epochs):
-        history = model.fit(x, y, batch_size=batch, epochs=epoch + 1, initial_epoch=epoch, shuffle=True,
-                            callbacks=callbacks, verbose=0)
+        history = model.fit(
+            x,
+            y,
+            batch_size=batch,
+            epochs=epoch + 1,
+            initial_epoch=epoch,
+            shuffle=True,
+            callbacks=callbacks,
+            verbose=0,
+        )
         tr = evaluate(model, x[fixed], y[fixed])
         va = evaluate(model, xv, yv)
         diag = [r for r in log.rows if r["epoch"] == epoch]
@@ -215,8 +227,12 @@ def run(model_name, spec, data, epochs, batch, seed, diag_every):
                 "mean_abs_logit": va[2],
                 "max_abs_logit": va[3],
                 "nu": float(np.mean([r["nu"] for r in diag])) if diag else float("nan"),
-                "update_norm": float(np.mean([r["update_norm"] for r in diag])) if diag else float("nan"),
-                "grad_norm": float(np.mean([r["grad_norm"] for r in diag])) if diag else float("nan"),
+                "update_norm": float(np.mean([r["update_norm"] for r in diag]))
+                if diag
+                else float("nan"),
+                "grad_norm": float(np.mean([r["grad_norm"] for r in diag]))
+                if diag
+                else float("nan"),
             }
         )
         print(model_name, spec, json.dumps(rows[-1]), flush=True)
@@ -257,10 +273,16 @@ def table(results):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--models", nargs="+", default=["mlp", "antirectifier", "moe"])
-    p.add_argument("--optimizers", nargs="+", default=DEFAULT_OPTIMIZERS,
-                   help='kind[:json kwargs], e.g. kfac:\'{"momentum": 0}\'')
+    p.add_argument(
+        "--optimizers",
+        nargs="+",
+        default=DEFAULT_OPTIMIZERS,
+        help="kind[:json kwargs], e.g. kfac:'{\"momentum\": 0}'",
+    )
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--train", type=int, default=20000)
     p.add_argument("--val", type=int, default=10000)

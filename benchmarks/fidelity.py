@@ -95,8 +95,14 @@ def main(argv=None):
                 for layer, per_method in errors.items():
                     block = exact.resolve_block(model, layer)
                     rows.append(
-                        dict(model=kind, stage=stage, fisher=fisher, layer=layer,
-                             parameters=block.num_parameters, **per_method)
+                        dict(
+                            model=kind,
+                            stage=stage,
+                            fisher=fisher,
+                            layer=layer,
+                            parameters=block.num_parameters,
+                            **per_method,
+                        )
                     )
                 print(f"{kind} {stage} {fisher}: {time.time() - t0:.1f}s", flush=True)
     write(rows, args)
@@ -138,7 +144,8 @@ def write(rows, args):
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['stage']} | {r['fisher']} | {r['layer']} | {r['parameters']} | "
-            + " | ".join(f"{r[m]:.3f}" for m in METHODS) + " |"
+            + " | ".join(f"{r[m]:.3f}" for m in METHODS)
+            + " |"
         )
     lines += ["", "| mean | " + " | ".join(f"{m}: {v:.3f}" for m, v in means.items()) + " |", ""]
     lines += ["Claims checked on every block (holds / blocks):", ""]

@@ -251,9 +251,11 @@ def report_time_to_target(results, key, target_label, higher_is_better=False):
         target = results[best]["final"][key]
     table = []
     for label, run in results.items():
-        rows = run["rows"] if not higher_is_better else [
-            dict(r, **{key: -r[key]}) for r in run["rows"]
-        ]
+        rows = (
+            run["rows"]
+            if not higher_is_better
+            else [dict(r, **{key: -r[key]}) for r in run["rows"]]
+        )
         seconds, steps = (None, None) if best is None else time_to_reach(rows, key, sign * target)
         table.append(
             {
@@ -322,9 +324,8 @@ def suite_autoencoder(args):
     def evaluate(model):
         return {
             "train_loss": PIXELS * model.evaluate(probe, probe, batch_size=2000, verbose=0),
-            "test_loss": PIXELS * model.evaluate(
-                probe_test, probe_test, batch_size=2000, verbose=0
-            ),
+            "test_loss": PIXELS
+            * model.evaluate(probe_test, probe_test, batch_size=2000, verbose=0),
         }
 
     tuned = {
@@ -341,8 +342,8 @@ def suite_autoencoder(args):
     runs.update(first_order_runs([1e-4, 3e-4, 1e-3, 3e-3], [0.3, 1.0, 3.0]))
     runs = select(runs, args.optimizers)
     results = run_suite("autoencoder", runs, build, (x, x), args, evaluate, "train_loss")
-    name = f"autoencoder_{activation}_batch{args.batch}" + args.tag + (
-        "_quick" if args.quick else ""
+    name = (
+        f"autoencoder_{activation}_batch{args.batch}" + args.tag + ("_quick" if args.quick else "")
     )
     best, target, table = report_time_to_target(results, "train_loss", "adam")
     adam_ms = adam_step_ms(results)
@@ -444,11 +445,29 @@ def suite_sequence(args, name, title, build, data, evaluate, key, y_label, highe
         results, key, ("adam", "muon"), higher_is_better=higher_is_better
     )
     command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
-    md = markdown(f"{title} (batch {args.batch}, {args.budget:g} s each)", command, best, target,
-                  key, table, adam_step_ms(results))
-    write_results(name, {"suite": name, "batch": args.batch, "budget": args.budget,
-                         "target": target, "table": table},
-                  results, y_key=key, y_label=y_label, log_y=not higher_is_better)
+    md = markdown(
+        f"{title} (batch {args.batch}, {args.budget:g} s each)",
+        command,
+        best,
+        target,
+        key,
+        table,
+        adam_step_ms(results),
+    )
+    write_results(
+        name,
+        {
+            "suite": name,
+            "batch": args.batch,
+            "budget": args.budget,
+            "target": target,
+            "table": table,
+        },
+        results,
+        y_key=key,
+        y_label=y_label,
+        log_y=not higher_is_better,
+    )
     with open(os.path.join(RESULTS, name + ".md"), "w") as f:
         f.write(md)
     print(md)
@@ -474,8 +493,17 @@ def suite_vit(args):
         _, test_acc = model.evaluate(xt, yt, batch_size=1000, verbose=0)
         return {"train_loss": train_loss, "test_accuracy": test_acc}
 
-    suite_sequence(args, f"vit_batch{args.batch}", "Fashion-MNIST ViT", build, (x, y), evaluate,
-                   "train_loss", "train loss (cross-entropy)", False)
+    suite_sequence(
+        args,
+        f"vit_batch{args.batch}",
+        "Fashion-MNIST ViT",
+        build,
+        (x, y),
+        evaluate,
+        "train_loss",
+        "train loss (cross-entropy)",
+        False,
+    )
 
 
 def suite_charlm(args):
@@ -496,8 +524,17 @@ def suite_charlm(args):
             "test_loss": model.evaluate(xt, yt, batch_size=500, verbose=0),
         }
 
-    suite_sequence(args, f"charlm_batch{args.batch}", "Character-level Transformer LM (fortunes)",
-                   build, (x, y), evaluate, "train_loss", "train loss (nats/char)", False)
+    suite_sequence(
+        args,
+        f"charlm_batch{args.batch}",
+        "Character-level Transformer LM (fortunes)",
+        build,
+        (x, y),
+        evaluate,
+        "train_loss",
+        "train loss (nats/char)",
+        False,
+    )
 
 
 def optimizer_state_floats(opt, model):
@@ -614,7 +651,10 @@ def main(argv=None):
         "--optimizers", nargs="*", default=None, help="only runs whose label contains one of these"
     )
     parser.add_argument(
-        "--kfac", action="append", default=[], metavar="JSON",
+        "--kfac",
+        action="append",
+        default=[],
+        metavar="JSON",
         help='extra KFAC run, e.g. --kfac \'{"learning_rate": 0.3, "damping": 0.01}\' (repeatable)',
     )
     parser.add_argument(

@@ -126,22 +126,43 @@ def summed_bce(model, x, batch_size):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", default=None,
-                   help="TFDS data_dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets); "
-                        "a folder holding the raw IDX .gz files also works")
-    p.add_argument("--seconds", type=float, default=None,
-                   help="wall-clock training budget per optimizer (default 60 unless "
-                        "--epochs is given)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="epochs per optimizer (combined with --seconds if both are given)")
-    p.add_argument("--optimizers", default="kfac,adam",
-                   help="comma-separated list among kfac, adam (default: kfac,adam)")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="TFDS data_dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets); "
+        "a folder holding the raw IDX .gz files also works",
+    )
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="wall-clock training budget per optimizer (default 60 unless --epochs is given)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs per optimizer (combined with --seconds if both are given)",
+    )
+    p.add_argument(
+        "--optimizers",
+        default="kfac,adam",
+        help="comma-separated list among kfac, adam (default: kfac,adam)",
+    )
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
-                   help="Keras fit verbosity: 1 progress bar, 2 one line per epoch")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test: 512 train/test images, 2 steps per optimizer")
+    p.add_argument(
+        "--verbose",
+        type=int,
+        choices=(0, 1, 2),
+        default=1,
+        help="Keras fit verbosity: 1 progress bar, 2 one line per epoch",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: 512 train/test images, 2 steps per optimizer",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.seconds, args.epochs, args.batch_size = None, 1, 256
@@ -165,11 +186,15 @@ def main(argv=None):
     base = build_autoencoder(args.seed)
     initial_weights = base.get_weights()
     epochs = args.epochs if args.epochs is not None else 1_000_000  # time-limited
-    budget = (f"{args.seconds:g} s" if args.seconds is not None else "") + (
-        " / " if args.seconds is not None and args.epochs is not None else "") + (
-        f"{args.epochs} epoch(s)" if args.epochs is not None else "")
-    print(f"MNIST autoencoder: {len(x_train)} train / {len(x_test)} test images, "
-          f"batch {args.batch_size}, budget {budget} per optimizer")
+    budget = (
+        (f"{args.seconds:g} s" if args.seconds is not None else "")
+        + (" / " if args.seconds is not None and args.epochs is not None else "")
+        + (f"{args.epochs} epoch(s)" if args.epochs is not None else "")
+    )
+    print(
+        f"MNIST autoencoder: {len(x_train)} train / {len(x_test)} test images, "
+        f"batch {args.batch_size}, budget {budget} per optimizer"
+    )
 
     rows = []
     for name, optimizer in optimizers.items():
@@ -178,14 +203,27 @@ def main(argv=None):
         model.set_weights(initial_weights)
         model.compile(optimizer=optimizer, loss=make_loss())
         timer = StepTimer(args.seconds)
-        model.fit(x_train, x_train, batch_size=args.batch_size, epochs=epochs,
-                  shuffle=True, callbacks=[timer], verbose=args.verbose)
-        rows.append((name, timer.steps, timer.elapsed, timer.median_ms,
-                     summed_bce(model, x_train, args.batch_size),
-                     summed_bce(model, x_test, args.batch_size)))
+        model.fit(
+            x_train,
+            x_train,
+            batch_size=args.batch_size,
+            epochs=epochs,
+            shuffle=True,
+            callbacks=[timer],
+            verbose=args.verbose,
+        )
+        rows.append(
+            (
+                name,
+                timer.steps,
+                timer.elapsed,
+                timer.median_ms,
+                summed_bce(model, x_train, args.batch_size),
+                summed_bce(model, x_test, args.batch_size),
+            )
+        )
 
-    print(f"\n{SUMMARY_TITLE} (loss = binary cross-entropy summed over "
-          f"{PIXELS} pixels, per image)")
+    print(f"\n{SUMMARY_TITLE} (loss = binary cross-entropy summed over {PIXELS} pixels, per image)")
     header = ("optimizer", "steps", "seconds", "ms/step", "train loss", "test loss")
     print("{:<10} {:>7} {:>8} {:>9} {:>11} {:>10}".format(*header))
     for r in rows:

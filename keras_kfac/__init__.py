@@ -12,7 +12,7 @@ def _require_tensorflow_backend(backend):
         raise ImportError(
             "keras_kfac needs the TensorFlow backend of Keras, but the backend is "
             f"{backend!r}. Set the environment variable KERAS_BACKEND=tensorflow "
-            "before importing keras (or \"backend\": \"tensorflow\" in "
+            'before importing keras (or "backend": "tensorflow" in '
             "~/.keras/keras.json)."
         )
 
@@ -24,9 +24,8 @@ import keras as _keras  # noqa: E402
 
 _require_tensorflow_backend(_keras.backend.backend())
 
-from keras_kfac import curvature  # noqa: E402
+from keras_kfac import callbacks, curvature  # noqa: E402
 from keras_kfac.optimizer import KFAC  # noqa: E402
-from keras_kfac import callbacks  # noqa: E402
 
 __version__ = "0.1.0"
 

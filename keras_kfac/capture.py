@@ -82,9 +82,7 @@ def _graph_reaches(recorded, current):
 
 
 def _is_symbolic(x):
-    return any(
-        isinstance(t, keras.KerasTensor) for t in tf.nest.flatten(x)
-    )
+    return any(isinstance(t, keras.KerasTensor) for t in tf.nest.flatten(x))
 
 
 class StepRecord:
@@ -152,9 +150,7 @@ class StepRecord:
 def candidate_layers(model):
     """Every layer of ``model`` (nested ones too) of a type with a block."""
     return [
-        layer
-        for layer in compat.flatten_layers(model)
-        if block_class_for_layer(layer) is not None
+        layer for layer in compat.flatten_layers(model) if block_class_for_layer(layer) is not None
     ]
 
 
@@ -244,10 +240,14 @@ class _LayerHook(_Hook):
             for record in records:
                 if record.tape_active:
                     record.tape.watch(s)
-                uses.append((record, record.add_use(key, inputs if recorded is None else recorded, s, mask)))
+                uses.append(
+                    (record, record.add_use(key, inputs if recorded is None else recorded, s, mask))
+                )
             return s
 
-        outputs = block_class_for_layer(layer).forward(layer, self.original, tap, inputs, *args, **kwargs)
+        outputs = block_class_for_layer(layer).forward(
+            layer, self.original, tap, inputs, *args, **kwargs
+        )
         for record, slot in uses:
             x = record.inputs[key][slot]
             if callable(x):
@@ -294,11 +294,16 @@ class _MaskedBatch(LayerBatch):
         self._masks = masks
 
     def a(self):
-        parts = [self._masked(self.block.activations(x), m) for x, m in zip(self._inputs, self._masks)]
+        parts = [
+            self._masked(self.block.activations(x), m) for x, m in zip(self._inputs, self._masks)
+        ]
         return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
 
     def g(self):
-        parts = [self._masked(self.block.output_gradients(d), m) for d, m in zip(self._output_grads, self._masks)]
+        parts = [
+            self._masked(self.block.output_gradients(d), m)
+            for d, m in zip(self._output_grads, self._masks)
+        ]
         g = parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
         return g * tf.cast(self._grad_scale, tf.float32)
 
@@ -321,7 +326,11 @@ def _sample_weight(record):
     if weight is None or not tf.is_tensor(weight) and not hasattr(weight, "shape"):
         return None
     weight = tf.convert_to_tensor(weight)
-    if weight.shape.rank is None or weight.shape.rank > 2 or (weight.shape.rank == 2 and weight.shape[1] != 1):
+    if (
+        weight.shape.rank is None
+        or weight.shape.rank > 2
+        or (weight.shape.rank == 2 and weight.shape[1] != 1)
+    ):
         return None  # per-position weights: see _output_weights
     return tf.reshape(tf.cast(weight, tf.float32), (-1,))
 
@@ -333,14 +342,23 @@ def _output_weights(record, output):
     ``total / valid``, so the masked loss is the mean over unmasked
     positions); None when neither is present."""
     weight = None if record.loss_args is None else record.loss_args[2]
-    weight = None if weight is None or isinstance(weight, (dict, list, tuple)) else tf.cast(weight, tf.float32)
+    weight = (
+        None
+        if weight is None or isinstance(weight, (dict, list, tuple))
+        else tf.cast(weight, tf.float32)
+    )
     mask = compat.keras_mask(output)
     if mask is not None:
         mask = tf.cast(mask, tf.float32)
         total = tf.cast(tf.size(mask), tf.float32)
         mask = mask * tf.math.divide_no_nan(total, tf.reduce_sum(mask))
         if weight is not None and weight.shape.rank < mask.shape.rank:
-            weight = tf.reshape(weight, tf.concat([tf.shape(weight), tf.ones([mask.shape.rank - weight.shape.rank], tf.int32)], 0))
+            weight = tf.reshape(
+                weight,
+                tf.concat(
+                    [tf.shape(weight), tf.ones([mask.shape.rank - weight.shape.rank], tf.int32)], 0
+                ),
+            )
         weight = mask if weight is None else weight * mask
     return weight
 
@@ -374,7 +392,9 @@ class Capture:
             if callable(getattr(model, name, None)):
                 self._hooks.append(_Hook.subscribe(model, name, self, handler))
         for layer in candidate_layers(model) if layers is None else layers:
-            self._layer_hooks[id(layer)] = _LayerHook.subscribe(layer, "call", self, self._layer_record)
+            self._layer_hooks[id(layer)] = _LayerHook.subscribe(
+                layer, "call", self, self._layer_record
+            )
 
     def keep_layers(self, layers):
         """Stop instrumenting every layer not in ``layers``."""
@@ -470,7 +490,9 @@ class Capture:
     def clear(self):
         self._record = None
 
-    def batches(self, record, blocks, sampled_losses=None, seed=None, loss_scale=None, replicas=None):
+    def batches(
+        self, record, blocks, sampled_losses=None, seed=None, loss_scale=None, replicas=None
+    ):
         """One :class:`LayerBatch` per block (None for a block the step did
         not use).
 
@@ -556,5 +578,10 @@ class Capture:
 def _per_example(op, x, weights):
     """``op(x, w)`` with per-example ``weights`` ``(n,)`` broadcast over the
     other axes of ``x``."""
-    w = tf.cast(tf.reshape(weights, tf.concat([tf.shape(weights), tf.ones([x.shape.rank - 1], tf.int32)], 0)), x.dtype)
+    w = tf.cast(
+        tf.reshape(
+            weights, tf.concat([tf.shape(weights), tf.ones([x.shape.rank - 1], tf.int32)], 0)
+        ),
+        x.dtype,
+    )
     return op(x, w)

@@ -19,19 +19,19 @@ import inspect
 import keras
 import tensorflow as tf
 
-# compat: keras.src.backend.common.global_state (keras 3.0 - 3.15.1)
-from keras.src.backend.common import global_state as _keras_global_state
-
 # compat: keras.src.backend (keras 3.6 - 3.15.1)
 from keras.src import backend as _keras_backend
 
-# compat: tensorflow.python.eager.record (tf 2.16 - 2.21)
-from tensorflow.python.eager import record as _tape_record
+# compat: keras.src.backend.common.global_state (keras 3.0 - 3.15.1)
+from keras.src.backend.common import global_state as _keras_global_state
 
 # compat: tensorflow.python.distribute.cross_device_ops, mirrored_strategy
 # (tf 2.16 - 2.21)
 from tensorflow.python.distribute import cross_device_ops as _cross_device_ops
 from tensorflow.python.distribute import mirrored_strategy as _mirrored_strategy
+
+# compat: tensorflow.python.eager.record (tf 2.16 - 2.21)
+from tensorflow.python.eager import record as _tape_record
 
 # compat: tensorflow.python.ops.control_flow_util (tf 2.16 - 2.21)
 from tensorflow.python.ops import control_flow_util as _control_flow_util

@@ -64,9 +64,7 @@ class DataNotFoundError(RuntimeError):
 def _check_name(name: str) -> str:
     key = name.strip().lower().replace("-", "_")
     if key not in SUPPORTED:
-        raise ValueError(
-            f"Unsupported dataset {name!r}: expected one of {', '.join(SUPPORTED)}."
-        )
+        raise ValueError(f"Unsupported dataset {name!r}: expected one of {', '.join(SUPPORTED)}.")
     return key
 
 
@@ -157,8 +155,11 @@ def _writable(path: str) -> bool:
     path = os.path.abspath(os.path.expanduser(path))
     for d in _walk_up(path):
         if os.path.exists(d):
-            return (os.path.isdir(d) and os.access(d, os.W_OK | os.X_OK)
-                    and bool(os.stat(d).st_mode & 0o222))
+            return (
+                os.path.isdir(d)
+                and os.access(d, os.W_OK | os.X_OK)
+                and bool(os.stat(d).st_mode & 0o222)
+            )
     return False
 
 
@@ -251,7 +252,9 @@ def _prepare_by_download(name: str, data_dir: str, searched: list[str]) -> None:
     if urls and not _reachable(urls[0]):
         raise DataNotFoundError(
             _not_found_message(
-                name, data_dir, searched,
+                name,
+                data_dir,
+                searched,
                 f"download host {urllib.parse.urlparse(urls[0]).hostname} unreachable "
                 "(no network?)",
             )
@@ -289,7 +292,9 @@ def prepare(name: str, data_dir=None, manual_dir=None, download: bool = True) ->
             out_dir = os.path.abspath(default_data_dir())
             log.warning(
                 "%s holds the raw files or is read-only: preparing %s in %s instead",
-                data_dir, name, out_dir,
+                data_dir,
+                name,
+                out_dir,
             )
             if tfds.builder(f"{name}:{VERSION}", data_dir=out_dir).is_prepared():
                 return out_dir
@@ -298,9 +303,7 @@ def prepare(name: str, data_dir=None, manual_dir=None, download: bool = True) ->
 
     searched = _candidate_dirs(name, manual_dir, data_dir)
     if not download:
-        raise DataNotFoundError(
-            _not_found_message(name, data_dir, searched, "download=False")
-        )
+        raise DataNotFoundError(_not_found_message(name, data_dir, searched, "download=False"))
     _prepare_by_download(name, data_dir, searched)
     return data_dir
 
@@ -343,14 +346,22 @@ def load(
     )
 
 
-def load_numpy(name: str, split: str = "train", data_dir=None, manual_dir=None,
-               download: bool = True):
+def load_numpy(
+    name: str, split: str = "train", data_dir=None, manual_dir=None, download: bool = True
+):
     """Return ``(x, y)``: ``x`` float32 in [0, 1] of shape (N, 28, 28, 1), ``y`` int64."""
     import numpy as np
     import tensorflow_datasets as tfds
 
-    ds = load(name, split=split, data_dir=data_dir, batch_size=-1, manual_dir=manual_dir,
-              as_supervised=True, download=download)
+    ds = load(
+        name,
+        split=split,
+        data_dir=data_dir,
+        batch_size=-1,
+        manual_dir=manual_dir,
+        as_supervised=True,
+        download=download,
+    )
     x, y = tfds.as_numpy(ds)
     x = np.asarray(x, dtype=np.float32) / np.float32(255.0)
     y = np.asarray(y, dtype=np.int64)

@@ -17,14 +17,14 @@ class. Variables that no block covers are the optimizer's fallback.
 """
 
 import weakref
-from typing import Callable, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Callable, Optional
 
 import keras
 import tensorflow as tf
 
-from keras_kfac import compat
+from keras_kfac import compat, distributed
 from keras_kfac import curvature as curvature_lib
-from keras_kfac import distributed
 from keras_kfac.capture import Capture, candidate_layers
 from keras_kfac.curvature.base import Curvature, LayerBatch
 from keras_kfac.layers import LayerBlock, blocks_for_layer, unsupported_reason
@@ -37,7 +37,7 @@ MAX_DENSE_PARAMETERS = 8192
 CADENCE_OPTIONS = ("stats_every", "inverse_every")
 
 
-def method_names(curvature) -> List[str]:
+def method_names(curvature) -> list[str]:
     """The curvature method names a ``curvature=`` argument selects."""
     if isinstance(curvature, dict):
         names = set(curvature.values())
@@ -47,7 +47,7 @@ def method_names(curvature) -> List[str]:
     return [curvature]
 
 
-def check_options(curvature, options: Dict) -> None:
+def check_options(curvature, options: dict) -> None:
     """Unknown ``curvature_options`` keys are an error naming the valid ones
     (the options of the selected methods)."""
     valid = set(BLOCK_OPTIONS)
@@ -75,7 +75,9 @@ class CurvatureEstimator:
             optimizer's cadence.
     """
 
-    def __init__(self, model: keras.Model, curvature, fisher: str, damping_mode: str, options: Dict):
+    def __init__(
+        self, model: keras.Model, curvature, fisher: str, damping_mode: str, options: dict
+    ):
         self._model_ref = weakref.ref(model)
         self.curvature = curvature
         self.fisher = fisher
@@ -83,15 +85,15 @@ class CurvatureEstimator:
         self.options = dict(options)
         # "auto" is decided at build time: until then record for both.
         self.capture = Capture(model, sampled={"sampled": True, "empirical": False}.get(fisher))
-        self.blocks: List[LayerBlock] = []
-        self.curvatures: List[Curvature] = []
+        self.blocks: list[LayerBlock] = []
+        self.curvatures: list[Curvature] = []
         #: ``(layer, reason)`` of layers of a supported type left to the fallback.
-        self.unsupported: List = []
-        self.fallback_variables: List = []
+        self.unsupported: list = []
+        self.fallback_variables: list = []
         #: ``[(layer, variables)]`` of the variables outside every block.
-        self.fallback_layers: List = []
+        self.fallback_layers: list = []
         #: One :class:`SampledLoss` per model output (None: empirical Fisher).
-        self.sampled_losses: Optional[List[SampledLoss]] = None
+        self.sampled_losses: Optional[list[SampledLoss]] = None
         #: ``"sampled"`` or ``"empirical"`` once built, and why.
         self.fisher_used: Optional[str] = None
         self.fisher_reason = ""
@@ -159,11 +161,18 @@ class CurvatureEstimator:
         if not explicit:
             loss = getattr(model, "loss", None)
         try:
-            if self.fisher == "auto" and not explicit and type(model).train_step is not keras.Model.train_step:
+            if (
+                self.fisher == "auto"
+                and not explicit
+                and type(model).train_step is not keras.Model.train_step
+            ):
                 raise UnsupportedLossError(
-                    loss, f"{type(model).__name__} overrides train_step, so the loss it minimises is not known"
+                    loss,
+                    f"{type(model).__name__} overrides train_step, so the loss it minimises is not known",
                 )
-            self.sampled_losses = SampledLoss.for_outputs(loss, _output_names(model, loss), _loss_weights(model))
+            self.sampled_losses = SampledLoss.for_outputs(
+                loss, _output_names(model, loss), _loss_weights(model)
+            )
         except UnsupportedLossError as error:
             if self.fisher == "sampled":
                 raise
@@ -200,12 +209,14 @@ class CurvatureEstimator:
         return any(c.uses_current_batch for c in self.curvatures)
 
     # --- the step ---------------------------------------------------------------
-    def present(self, variables, key) -> List[bool]:
+    def present(self, variables, key) -> list[bool]:
         """Per block: whether all its variables are among ``variables``."""
         keys = {key(v) for v in variables}
         return [all(key(w) in keys for w in block.variables) for block in self.blocks]
 
-    def batches(self, record, seed=None, loss_scale=None, replicas=None, present=None) -> List[Optional[LayerBatch]]:
+    def batches(
+        self, record, seed=None, loss_scale=None, replicas=None, present=None
+    ) -> list[Optional[LayerBatch]]:
         """This step's :class:`LayerBatch` per block (None for a block the
         forward pass did not use, or not ``present``); under several
         replicas, the global batch."""
@@ -244,7 +255,7 @@ class CurvatureEstimator:
     def refresh(self, damping, replicas=None) -> None:
         distributed.refresh(replicas, self.curvatures, damping)
 
-    def block_gradients(self, grads, variables, key) -> List[tf.Tensor]:
+    def block_gradients(self, grads, variables, key) -> list[tf.Tensor]:
         """Each block's gradient as its matrix ``V`` (``(a_dim, g_dim)``)."""
         position = {key(v): i for i, v in enumerate(variables)}
         return [
@@ -254,7 +265,7 @@ class CurvatureEstimator:
             for block in self.blocks
         ]
 
-    def precondition(self, matrices, damping, batches=None) -> List[tf.Tensor]:
+    def precondition(self, matrices, damping, batches=None) -> list[tf.Tensor]:
         """``P(V)`` per block."""
         return [
             curvature.precondition(v, damping, None if batches is None else batches[i])
@@ -267,10 +278,10 @@ class CurvatureEstimator:
         return tf.add_n([matrix_inner(v, p) for v, p in zip(matrices, preconditioned)])
 
     @staticmethod
-    def scaled(scale, matrices) -> List:
+    def scaled(scale, matrices) -> list:
         return [scale_matrix(scale, m) for m in matrices]
 
-    def to_variables(self, matrices, variables, key, into) -> List:
+    def to_variables(self, matrices, variables, key, into) -> list:
         """Write each block matrix back as its variables' tensors into the
         list ``into`` (aligned with ``variables``); returns ``into``."""
         position = {key(v): i for i, v in enumerate(variables)}
@@ -286,7 +297,9 @@ class CurvatureEstimator:
             if block.layer is layer or block.name == layer:
                 return i
         name = getattr(layer, "name", layer)
-        raise ValueError(f"Layer {name!r} has no curvature block in this optimizer (see summary()).")
+        raise ValueError(
+            f"Layer {name!r} has no curvature block in this optimizer (see summary())."
+        )
 
     def curvature_for(self, layer) -> Curvature:
         return self.curvatures[self.block_index(layer)]
@@ -304,7 +317,7 @@ class CurvatureEstimator:
             )
         return self.curvatures[i].matrix()
 
-    def summary_rows(self) -> List[str]:
+    def summary_rows(self) -> list[str]:
         rows = [f"Fisher: {self.fisher_used} ({self.fisher_reason})"] if self.fisher_used else []
         rows += [f"{'layer':<28}{'type':<20}{'curvature':<16}{'A':>8}{'G':>8}  structure"]
         for block, curvature in zip(self.blocks, self.curvatures):
@@ -355,7 +368,7 @@ def _parameters(variables) -> int:
     return total
 
 
-def _owning_layers(model, variables, key) -> List:
+def _owning_layers(model, variables, key) -> list:
     """``[(layer, variables)]``: each variable under the innermost layer that
     owns it (``flatten_layers`` lists a layer before its sublayers), in
     model order; variables no layer owns come under the model."""
@@ -394,7 +407,7 @@ def register_model_discovery(optimizer_class) -> None:
     compat.on_model_attribute(on_attribute)
 
 
-def _output_names(model, loss) -> List[str]:
+def _output_names(model, loss) -> list[str]:
     """The model's output names in ``tf.nest.flatten`` order of its
     outputs (one placeholder name for a single output)."""
     names = list(getattr(model, "output_names", None) or [])

@@ -75,7 +75,7 @@ def resolve_block(model, block):
     if isinstance(block, LayerBlock):
         return block
     if isinstance(block, str):
-        layers = [l for l in compat.flatten_layers(model) if l.name == block]
+        layers = [layer for layer in compat.flatten_layers(model) if layer.name == block]
         if not layers:
             for layer in compat.flatten_layers(model):
                 for candidate in blocks_for_layer(layer):

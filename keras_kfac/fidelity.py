@@ -70,7 +70,9 @@ def fitted_curvature(method, model, block, x, y, loss, damping=1e-3, **options):
     return curvature
 
 
-def fidelity(model, x, y, loss, layers=None, methods=MATRIX_METHODS, max_parameters=8192, **options):
+def fidelity(
+    model, x, y, loss, layers=None, methods=MATRIX_METHODS, max_parameters=8192, **options
+):
     """Relative Frobenius error of each method's block against the exact
     Fisher block, per block.
 
@@ -101,7 +103,9 @@ def fidelity(model, x, y, loss, layers=None, methods=MATRIX_METHODS, max_paramet
         )
     if layers is None:
         blocks = [
-            b for l in compat.flatten_layers(model) for b in blocks_for_layer(l)
+            b
+            for layer in compat.flatten_layers(model)
+            for b in blocks_for_layer(layer)
             if b.num_parameters <= max_parameters
         ]
     else:
@@ -127,7 +131,7 @@ def _accepted(method):
 def _blocks(model, item):
     """Every block of a layer (or layer name), or the one block given."""
     if isinstance(item, str):
-        item = {l.name: l for l in compat.flatten_layers(model)}.get(item, item)
+        item = {layer.name: layer for layer in compat.flatten_layers(model)}.get(item, item)
     if isinstance(item, keras.layers.Layer):
         blocks = blocks_for_layer(item)
         if not blocks:

@@ -95,7 +95,9 @@ def _per_output(value, names, what):
     if isinstance(value, dict):
         missing = [n for n in names if n not in value]
         if missing or len(value) != len(names):
-            raise UnsupportedLossError(value, f"{what} keys {sorted(value)} do not match the outputs {names}")
+            raise UnsupportedLossError(
+                value, f"{what} keys {sorted(value)} do not match the outputs {names}"
+            )
         return [value[n] for n in names]
     if isinstance(value, (list, tuple)):
         if len(value) != len(names):
@@ -143,7 +145,9 @@ class SampledLoss:
         if isinstance(loss, (list, tuple, dict)) and not loss:
             loss = None
         losses = _per_output(loss, output_names, "losses")
-        weights = _per_output(1.0 if loss_weights is None else loss_weights, output_names, "loss weights")
+        weights = _per_output(
+            1.0 if loss_weights is None else loss_weights, output_names, "loss weights"
+        )
         result = []
         for name, output_loss, weight in zip(output_names, losses, weights):
             try:
@@ -151,7 +155,9 @@ class SampledLoss:
             except UnsupportedLossError as error:
                 if len(output_names) == 1:
                     raise
-                raise UnsupportedLossError(output_loss, f"output {name!r}: {error.reason}") from None
+                raise UnsupportedLossError(
+                    output_loss, f"output {name!r}: {error.reason}"
+                ) from None
         return result
 
     def output_gradient(self, y_pred, seed, weights=None):
@@ -166,7 +172,9 @@ class SampledLoss:
         dy = self.gradient(sample, f)
         if weights is not None:
             w = tf.cast(weights, tf.float32)
-            w = tf.reshape(w, tf.concat([tf.shape(w), tf.ones([f.shape.rank - w.shape.rank], tf.int32)], 0))
+            w = tf.reshape(
+                w, tf.concat([tf.shape(w), tf.ones([f.shape.rank - w.shape.rank], tf.int32)], 0)
+            )
             dy = dy * tf.sqrt(tf.maximum(w, 0.0))
         return dy
 
@@ -197,8 +205,7 @@ class SampledLoss:
         shape = f.shape[1:]
         if None in shape.as_list():
             raise ValueError(
-                "fisher='sampled' needs static output shapes beyond the batch "
-                f"axis; got {f.shape}."
+                f"fisher='sampled' needs static output shapes beyond the batch axis; got {f.shape}."
             )
         elements = math.prod(shape.as_list())
         if self.family in (_SPARSE_CATEGORICAL, _CATEGORICAL):

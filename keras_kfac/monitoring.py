@@ -64,14 +64,19 @@ class StepMonitor:
             return
         opt = self._optimizer_ref
         nan = float("nan")
-        self.scalars = {name: untracked_variable(nan) for name in SCALARS if name != "skipped_steps"}
+        self.scalars = {
+            name: untracked_variable(nan) for name in SCALARS if name != "skipped_steps"
+        }
         self.rho_every = untracked_variable(0, tf.int64)
         self.rho_step = untracked_variable(-1, tf.int64)
         self.diagnostics_every = untracked_variable(0, tf.int64)
         self.diagnostics_step = untracked_variable(-1, tf.int64)
         self.layers = {}
         for block, curvature in zip(opt.estimator.blocks, opt.estimator.curvatures):
-            entry = {"preconditioned_grad_norm": untracked_variable(nan), "fidelity_relative_error": untracked_variable(nan)}
+            entry = {
+                "preconditioned_grad_norm": untracked_variable(nan),
+                "fidelity_relative_error": untracked_variable(nan),
+            }
             factors = curvature.factors()
             if "A" in factors and "G" in factors:
                 entry["pi"] = untracked_variable(nan)
@@ -158,9 +163,7 @@ class StepMonitor:
         if self.rho_enabled:
             # Steps every, 2*every, ... (1-based, like the logging steps, so
             # that with update_freq a multiple of every no pass is repeated).
-            rho_now = (self.rho_every > 0) & tf.equal(
-                (step + 1) % tf.maximum(self.rho_every, 1), 0
-            )
+            rho_now = (self.rho_every > 0) & tf.equal((step + 1) % tf.maximum(self.rho_every, 1), 0)
         diag_now = tf.constant(False)
         if self.diagnostics_enabled:
             diag_now = (self.diagnostics_every > 0) & tf.equal(

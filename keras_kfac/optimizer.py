@@ -11,9 +11,8 @@ import warnings
 import keras
 import tensorflow as tf
 
-from keras_kfac import compat
+from keras_kfac import compat, distributed, quadratic
 from keras_kfac import curvature as curvature_lib
-from keras_kfac import distributed, quadratic
 from keras_kfac.estimator import (
     CurvatureEstimator,
     check_options,
@@ -33,7 +32,7 @@ def check_backend():
         raise RuntimeError(
             f"keras_kfac needs the TensorFlow backend of Keras, but the backend is "
             f"{backend!r}. Set the environment variable KERAS_BACKEND=tensorflow "
-            "before importing keras (or set \"backend\": \"tensorflow\" in "
+            'before importing keras (or set "backend": "tensorflow" in '
             "~/.keras/keras.json)."
         )
 
@@ -152,7 +151,9 @@ class KFAC(keras.optimizers.Optimizer):
             fallback_learning_rate=fallback_learning_rate,
         )
         check_options(curvature, dict(curvature_options or {}))
-        super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, name=name, **kwargs)
+        super().__init__(
+            learning_rate=learning_rate, weight_decay=weight_decay, name=name, **kwargs
+        )
         self.momentum = float(momentum)
         self.curvature = curvature
         self.fisher = fisher
@@ -168,13 +169,18 @@ class KFAC(keras.optimizers.Optimizer):
         self.adaptive_step = bool(adaptive_step)
         self._monitor = StepMonitor(self)
         self._levenberg_marquardt = quadratic.LevenbergMarquardt()
-        if isinstance(damping, keras.optimizers.schedules.LearningRateSchedule) or callable(damping):
+        if isinstance(damping, keras.optimizers.schedules.LearningRateSchedule) or callable(
+            damping
+        ):
             self._damping_schedule = damping
             self._damping = None
         else:
             self._damping_schedule = None
             self._damping = self.add_variable(
-                (), initializer=keras.initializers.Constant(float(damping)), dtype="float32", name="damping"
+                (),
+                initializer=keras.initializers.Constant(float(damping)),
+                dtype="float32",
+                name="damping",
             )
         self._stats_updates = self.add_variable((), dtype="int64", name="stats_updates")
         self._skipped_steps = self.add_variable((), dtype="int64", name="skipped_steps")
@@ -307,7 +313,9 @@ class KFAC(keras.optimizers.Optimizer):
                 continue
             index = self._get_variable_index(v)
             if self.adaptive_step:
-                self._previous_updates[index] = self.add_variable_from_reference(v, "previous_update")
+                self._previous_updates[index] = self.add_variable_from_reference(
+                    v, "previous_update"
+                )
             elif self.momentum > 0:
                 self._momentums[index] = self.add_variable_from_reference(v, "momentum")
         if self.fisher == "auto" and estimator.fisher_used == "empirical" and estimator.blocks:
@@ -419,7 +427,9 @@ class KFAC(keras.optimizers.Optimizer):
         grads = [g for g, _ in pairs]
         estimator = self._estimator
         covered = [estimator.covers(self._key(v)) for v in variables]
-        fallback = [(g, v) for g, v, c in zip(local_grads, variables, covered) if not c and g is not None]
+        fallback = [
+            (g, v) for g, v, c in zip(local_grads, variables, covered) if not c and g is not None
+        ]
 
         def step():
             record = estimator.capture.current()
@@ -448,7 +458,9 @@ class KFAC(keras.optimizers.Optimizer):
                     self._fallback.apply([g for g, _ in fallback], [v for _, v in fallback])
                 rho = self._monitor.end(grads, variables)
                 if rho is not None and self.damping_is_adaptive:
-                    self._damping.assign(self._levenberg_marquardt.next_damping(self._damping.value, *rho))
+                    self._damping.assign(
+                        self._levenberg_marquardt.next_damping(self._damping.value, *rho)
+                    )
 
             run_if(ok, apply)
             run_if(tf.logical_not(ok), self._skip_step)
@@ -520,7 +532,9 @@ class KFAC(keras.optimizers.Optimizer):
         preconditioned = estimator.precondition(matrices, damping, current)
         if self.adaptive_step:
             self._monitor.note_preconditioning(matrices, preconditioned, tf.constant(1.0))
-            directions = self._adaptive_directions(grads, variables, preconditioned, objective, damping)
+            directions = self._adaptive_directions(
+                grads, variables, preconditioned, objective, damping
+            )
             return directions, stats_ok, self._momentum_curvature.value
         inner = estimator.inner_product(matrices, preconditioned)
         momentum_dot_grad = self._momentum_dot(grads, variables)
@@ -675,7 +689,9 @@ class KFAC(keras.optimizers.Optimizer):
             if model is None:
                 raise ValueError("Register a model (compile or KFAC(model=...)) first.")
             self.build(model.trainable_variables)
-        lines = [f"KFAC(curvature={self.curvature!r}, fisher={self.fisher!r}, damping_mode={self.damping_mode!r})"]
+        lines = [
+            f"KFAC(curvature={self.curvature!r}, fisher={self.fisher!r}, damping_mode={self.damping_mode!r})"
+        ]
         lines += self._estimator.summary_rows()
         fallback = self._estimator.fallback_variables
         if fallback:
@@ -706,7 +722,9 @@ class KFAC(keras.optimizers.Optimizer):
                 "stats_every": self.stats_every,
                 "inverse_every": self.inverse_every,
                 "kl_clip": self.kl_clip,
-                "loss": keras.saving.serialize_keras_object(self.loss) if self.loss is not None else None,
+                "loss": keras.saving.serialize_keras_object(self.loss)
+                if self.loss is not None
+                else None,
                 "fallback_learning_rate": self.fallback_learning_rate,
                 "curvature_options": self.curvature_options,
                 "seed": self.seed,
@@ -762,7 +780,9 @@ def _validate(
     if kl_clip is not None and not kl_clip > 0:
         raise ValueError(f"kl_clip must be positive or None; got {kl_clip!r}.")
     if not fallback_learning_rate > 0:
-        raise ValueError(f"fallback_learning_rate must be positive; got {fallback_learning_rate!r}.")
+        raise ValueError(
+            f"fallback_learning_rate must be positive; got {fallback_learning_rate!r}."
+        )
 
 
 register_model_discovery(KFAC)

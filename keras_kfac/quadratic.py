@@ -105,8 +105,9 @@ class BatchObjective:
         """The batch loss as a function of the model output ``y_pred`` alone
         (no forward pass), with the parameters ``values`` for the loss's own
         terms."""
-        with self.capture.paused(), keras.StatelessScope(
-            state_mapping=self._mapping(values), collect_losses=True
+        with (
+            self.capture.paused(),
+            keras.StatelessScope(state_mapping=self._mapping(values), collect_losses=True),
         ):
             return self._loss(y_pred)
 
@@ -124,8 +125,9 @@ class BatchObjective:
 
     def loss(self, values):
         """``h(theta)`` at ``values`` (one stateless forward pass)."""
-        with self.capture.paused(), keras.StatelessScope(
-            state_mapping=self._mapping(values), collect_losses=True
+        with (
+            self.capture.paused(),
+            keras.StatelessScope(state_mapping=self._mapping(values), collect_losses=True),
         ):
             return self._loss(self._call())
 
@@ -136,9 +138,7 @@ class BatchObjective:
         tangents = [tf.cast(t, v.dtype) for t, v in zip(tangents, values)]
         with self.capture.paused():
             with tf.autodiff.ForwardAccumulator(values, tangents) as acc:
-                with keras.StatelessScope(
-                    state_mapping=self._mapping(values), collect_losses=True
-                ):
+                with keras.StatelessScope(state_mapping=self._mapping(values), collect_losses=True):
                     y_pred = self._call()
                     loss = self._loss(y_pred)
             ju = acc.jvp(y_pred, unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -154,9 +154,7 @@ class BatchObjective:
             with tf.GradientTape() as tape:
                 tape.watch(flat_y)
                 loss = self.output_loss(values, tf.nest.pack_sequence_as(y_pred, flat_y))
-            grads = tape.gradient(
-                loss, flat_y, unconnected_gradients=tf.UnconnectedGradients.ZERO
-            )
+            grads = tape.gradient(loss, flat_y, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return acc.jvp(grads, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
 

@@ -61,7 +61,12 @@ def train(backup_dir, hang=None, marker=None):
 
     x, y = data()
     model.fit(
-        x, y, batch_size=BATCH_SIZE, epochs=EPOCHS, shuffle=False, verbose=0,
+        x,
+        y,
+        batch_size=BATCH_SIZE,
+        epochs=EPOCHS,
+        shuffle=False,
+        verbose=0,
         callbacks=[keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch"), Progress()],
     )
     return [w.numpy().tolist() for w in model.weights], int(opt.iterations.numpy()), epochs

@@ -55,8 +55,13 @@ def main():
             ]
         )
         opt = keras_kfac.KFAC(
-            learning_rate=0.05, damping=1e-2, curvature=args.method, fisher=args.fisher,
-            inverse_every=2, seed=3, model=model,
+            learning_rate=0.05,
+            damping=1e-2,
+            curvature=args.method,
+            fisher=args.fisher,
+            inverse_every=2,
+            seed=3,
+            model=model,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
         return model, opt

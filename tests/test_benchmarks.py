@@ -13,7 +13,10 @@ def test_autoencoder_suite_quick_mode(tmp_path):
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "autoencoder", "--quick"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads((tmp_path / "autoencoder_sigmoid_batch500_quick.json").read_text())

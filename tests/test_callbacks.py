@@ -122,7 +122,11 @@ def test_fidelity_against_the_exact_fisher_of_linear_regression(tmp_path):
     model.compile(opt, loss="mse")
     log_dir = str(tmp_path)
     model.fit(
-        x, y, batch_size=32, epochs=3, verbose=0,
+        x,
+        y,
+        batch_size=32,
+        epochs=3,
+        verbose=0,
         callbacks=[CurvatureMonitor(log_dir, update_freq=1, fidelity_layers=["linear"])],
     )
     xb = np.concatenate([x, np.ones((32, 1), "float32")], axis=1).astype(np.float64)
@@ -146,7 +150,11 @@ def test_fidelity_of_a_convnet_matches_the_brute_force_block(tmp_path):
     model.compile(opt, loss=loss)
     before = model.get_weights()
     model.fit(
-        x, y, batch_size=16, epochs=1, verbose=0,
+        x,
+        y,
+        batch_size=16,
+        epochs=1,
+        verbose=0,
         callbacks=[CurvatureMonitor(str(tmp_path), update_freq=1, fidelity_layers=["conv"])],
     )
     after = model.get_weights()
@@ -174,7 +182,11 @@ def test_damping_scheduler_sets_the_variable_per_epoch(tmp_path):
     model.compile(opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     schedule = lambda epoch: 1e-2 * 0.1**epoch  # noqa: E731
     history = model.fit(
-        x, y, batch_size=32, epochs=3, verbose=0,
+        x,
+        y,
+        batch_size=32,
+        epochs=3,
+        verbose=0,
         callbacks=[DampingScheduler(schedule), CurvatureMonitor(str(tmp_path), update_freq=1)],
     )
     np.testing.assert_allclose(history.history["damping"], [1e-2, 1e-3, 1e-4], rtol=1e-6)
@@ -240,7 +252,11 @@ def test_monitor_and_adaptive_damping_with_jit_compile_and_steps_per_execution(t
         steps_per_execution=2,
     )
     history = model.fit(
-        x, y, batch_size=16, epochs=2, verbose=0,
+        x,
+        y,
+        batch_size=16,
+        epochs=2,
+        verbose=0,
         callbacks=[CurvatureMonitor(str(tmp_path), update_freq=2), AdaptiveDamping(every=2)],
     )
     events = read_events(os.path.join(str(tmp_path), "train"))
@@ -269,9 +285,22 @@ def test_tensorboard_monitoring_example_quick(tmp_path_factory, raw_data, tfds_d
     log_dir = tmp_path_factory.mktemp("tb")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
     proc = subprocess.run(
-        [sys.executable, os.path.join(repo, "examples", "tensorboard_monitoring.py"), "--quick",
-         "--verbose", "2", "--data-dir", tfds_dir, "--log-dir", str(log_dir)],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            os.path.join(repo, "examples", "tensorboard_monitoring.py"),
+            "--quick",
+            "--verbose",
+            "2",
+            "--data-dir",
+            tfds_dir,
+            "--log-dir",
+            str(log_dir),
+        ],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
@@ -295,9 +324,14 @@ def test_damping_adapts_only_every_steps_while_rho_is_logged_each_step(tmp_path)
     opt = keras_kfac.KFAC(damping=1e-2)
     model.compile(opt, loss="mse")
     model.fit(
-        x, y, batch_size=32, epochs=8, verbose=0,
+        x,
+        y,
+        batch_size=32,
+        epochs=8,
+        verbose=0,
         callbacks=[
-            CurvatureMonitor(str(tmp_path), update_freq=1), AdaptiveDamping(every=4, decay=0.5)
+            CurvatureMonitor(str(tmp_path), update_freq=1),
+            AdaptiveDamping(every=4, decay=0.5),
         ],
     )
     events = read_events(os.path.join(str(tmp_path), "train"))

@@ -137,7 +137,10 @@ def _run(args, timeout):
     )
     return subprocess.Popen(
         [sys.executable, os.path.join(HERE, "checkpoint_resume_script.py"), *args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 

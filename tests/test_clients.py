@@ -44,7 +44,9 @@ def test_verdict_rule():
 
 
 def test_last_error_line_is_the_exception():
-    log = "Traceback (most recent call last):\n  File \"x.py\", line 1\n" \
-          "ValueError: KFAC could not find the model\nI0000 some log line\n"
+    log = (
+        'Traceback (most recent call last):\n  File "x.py", line 1\n'
+        "ValueError: KFAC could not find the model\nI0000 some log line\n"
+    )
     assert _last_error_line(log) == "ValueError: KFAC could not find the model"
     assert _last_error_line("just output\n") == "just output"

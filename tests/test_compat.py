@@ -6,8 +6,8 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import keras
+import numpy as np
 import tensorflow as tf
 
 import keras_kfac
@@ -38,7 +38,9 @@ def test_tape_and_training_call_detection():
 
 
 def test_model_introspection():
-    inner = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="inner_dense")], name="inner")
+    inner = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(2, name="inner_dense")], name="inner"
+    )
     outer = keras.Sequential([keras.Input((3,)), inner, keras.layers.Dense(1, name="top")])
     names = [layer.name for layer in compat.flatten_layers(outer)]
     assert "inner_dense" in names and "top" in names and "inner" in names
@@ -104,11 +106,14 @@ def test_distribution_shims_under_mirrored_strategy():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run(
         [sys.executable, os.path.join(HERE, "compat_strategy_check.py")],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-    result = json.loads(line[len("RESULT "):])
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    result = json.loads(line[len("RESULT ") :])
     assert result["is_mirrored"] and not result["one_device_is_mirrored"]
     assert result["cross_device_ops_name"] == "ReductionToOneDevice"
     assert result["collective_launcher"]

@@ -96,9 +96,7 @@ def test_dense_statistics_and_update(mode, damping_mode):
         A = a.T @ a / n
         G = g.T @ g / n
         # The kernel gradient reconstructed from a and g is the true gradient.
-        np.testing.assert_allclose(
-            (a.T @ g / n).ravel(), u.mean(0), rtol=1e-4, atol=1e-6
-        )
+        np.testing.assert_allclose((a.T @ g / n).ravel(), u.mean(0), rtol=1e-4, atol=1e-6)
         curv = opt.curvature_for(layer)
         np.testing.assert_allclose(curv.a.numpy(), A, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(curv.g.numpy(), G, rtol=1e-4, atol=1e-6)
@@ -162,13 +160,16 @@ def test_conv2d_statistics_and_update(case, mode, damping_mode):
     a = np.concatenate([patches, np.ones(patches.shape[:2] + (1,))], axis=-1)
     # g_{i,t} = d l_i / d s_{i,t}, from an explicit forward pass of the model.
     with tf.GradientTape() as tape:
-        s = tf.nn.convolution(
-            x,
-            conv.kernel,
-            strides=case["strides"],
-            dilations=case["dilation"],
-            padding=case["padding"].upper(),
-        ) + conv.bias
+        s = (
+            tf.nn.convolution(
+                x,
+                conv.kernel,
+                strides=case["strides"],
+                dilations=case["dilation"],
+                padding=case["padding"].upper(),
+            )
+            + conv.bias
+        )
         tape.watch(s)
         logits = model.layers[2](model.layers[1](s))
         total = tf.reduce_sum(
@@ -263,8 +264,13 @@ def test_running_average_and_kl_clip_and_momentum():
     model, x, y = dense_problem(n=8)
     lr, kl_clip, mu, decay, damping = 0.5, 1e-4, 0.9, 0.8, 0.05
     opt = keras_kfac.KFAC(
-        learning_rate=lr, damping=damping, momentum=mu, kl_clip=kl_clip, stats_decay=decay,
-        inverse_every=1, fisher="empirical",
+        learning_rate=lr,
+        damping=damping,
+        momentum=mu,
+        kl_clip=kl_clip,
+        stats_decay=decay,
+        inverse_every=1,
+        fisher="empirical",
     )
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     layer = model.layers[1]
@@ -272,7 +278,10 @@ def test_running_average_and_kl_clip_and_momentum():
 
     def momentum(lyr):
         return np.concatenate(
-            [opt._momentums[opt._get_variable_index(w)].numpy().ravel() for w in (lyr.kernel, lyr.bias)]
+            [
+                opt._momentums[opt._get_variable_index(w)].numpy().ravel()
+                for w in (lyr.kernel, lyr.bias)
+            ]
         )
 
     momenta = [momentum(lyr) for lyr in model.layers]
@@ -299,7 +308,9 @@ def test_running_average_and_kl_clip_and_momentum():
     # The package's P g itself agrees to 2e-3 (float32 factors and solves).
     error = np.linalg.norm(momentum(layer) - expected_momentum) / np.linalg.norm(expected_momentum)
     assert error < 5e-3
-    np.testing.assert_allclose(flat_params(layer), theta1 - lr * expected_momentum, rtol=2e-3, atol=1e-6)
+    np.testing.assert_allclose(
+        flat_params(layer), theta1 - lr * expected_momentum, rtol=2e-3, atol=1e-6
+    )
 
 
 def test_kl_clip_bounds_the_update_with_momentum():
@@ -312,8 +323,13 @@ def test_kl_clip_bounds_the_update_with_momentum():
     model, x, y = dense_problem(n=8)
     lr, kl_clip, damping = 1.0, 1e-4, 0.05
     opt = keras_kfac.KFAC(
-        learning_rate=lr, damping=damping, momentum=0.9, kl_clip=kl_clip,
-        stats_every=1000, inverse_every=1000, fisher="empirical",
+        learning_rate=lr,
+        damping=damping,
+        momentum=0.9,
+        kl_clip=kl_clip,
+        stats_every=1000,
+        inverse_every=1000,
+        fisher="empirical",
     )
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     metrics = None
@@ -323,7 +339,12 @@ def test_kl_clip_bounds_the_update_with_momentum():
         model.train_on_batch(x, y)
         if metrics is None:
             metrics = [
-                damped_reference(opt.curvature_for(lyr).a.numpy(), opt.curvature_for(lyr).g.numpy(), damping, "factored")
+                damped_reference(
+                    opt.curvature_for(lyr).a.numpy(),
+                    opt.curvature_for(lyr).g.numpy(),
+                    damping,
+                    "factored",
+                )
                 for lyr in model.layers
             ]
         deltas = [flat_params(lyr) - b for lyr, b in zip(model.layers, before)]

@@ -250,9 +250,16 @@ def test_schedules_clipnorm_weight_decay_and_config_round_trip():
     schedule = keras.optimizers.schedules.ExponentialDecay(0.05, 10, 0.5)
     damping = keras.optimizers.schedules.ExponentialDecay(1e-2, 10, 0.5)
     opt = keras_kfac.KFAC(
-        learning_rate=schedule, damping=damping, weight_decay=1e-4, global_clipnorm=1.0,
-        curvature={"dense": "kfac", "default": "kfac"}, fisher="empirical", damping_mode="eigen",
-        stats_every=2, inverse_every=4, kl_clip=None,
+        learning_rate=schedule,
+        damping=damping,
+        weight_decay=1e-4,
+        global_clipnorm=1.0,
+        curvature={"dense": "kfac", "default": "kfac"},
+        fisher="empirical",
+        damping_mode="eigen",
+        stats_every=2,
+        inverse_every=4,
+        kl_clip=None,
     )
     config = opt.get_config()
     clone = keras_kfac.KFAC.from_config(config)

@@ -85,7 +85,9 @@ def fit(problem, method, mode="eager", **options):
     opts = precise_options(method)
     opts.update(options)
     if mode == "eager":
-        return fitted_curvature(method, problem["model"], problem["layer"], problem["x"], problem["y"], LOSS, **opts)
+        return fitted_curvature(
+            method, problem["model"], problem["layer"], problem["x"], problem["y"], LOSS, **opts
+        )
     batch = layer_batch(problem["model"], problem["layer"], problem["x"], problem["y"], LOSS)
     return fit_batch(method, batch, mode, **opts)
 
@@ -94,7 +96,9 @@ def fit_batch(method, batch, mode="eager", **options):
     """``method`` after one statistics update on ``batch`` from a cold start,
     eager or in a ``tf.function`` (``"graph"``, ``"xla"``)."""
     curvature = curvature_lib.create(method, batch.block, **options)
-    curvature.build(lambda name, shape, initializer="zeros": tf.Variable(tf.zeros(shape), name=name))
+    curvature.build(
+        lambda name, shape, initializer="zeros": tf.Variable(tf.zeros(shape), name=name)
+    )
     update = lambda: curvature.update_statistics(batch, tf.constant(0.0))  # noqa: E731
     if mode != "eager":
         update = tf.function(update, jit_compile=mode == "xla")
@@ -142,7 +146,7 @@ def test_top_pair_of_rearranged_fisher_is_symmetric(problem):
 
 def test_kpsvd_is_top_singular_pair_of_rearranged_fisher(problem):
     da, dg = dims(problem)
-    (s, u, v), = top_pairs(problem, 1)
+    ((s, u, v),) = top_pairs(problem, 1)
     got = rearrange(matrix(problem, "kpsvd"), da, dg)
     assert rel(got, s * np.outer(u, v)) < 1e-4
 
@@ -236,7 +240,9 @@ def test_block_power_iteration_stops_on_convergence():
 
     def solve(starts, tol, max_iters):
         s, y, x, i = F.top_singular_triples(op, starts, 2, tol, max_iters)
-        pairs = sum(s[k].numpy() * np.outer(y[k].numpy().ravel(), x[k].numpy().ravel()) for k in range(2))
+        pairs = sum(
+            s[k].numpy() * np.outer(y[k].numpy().ravel(), x[k].numpy().ravel()) for k in range(2)
+        )
         return rel(pairs, want), int(i), s.numpy(), x
 
     error, iterations, s, x = solve(starts, 1e-4, 200)
@@ -249,8 +255,10 @@ def test_block_power_iteration_stops_on_convergence():
     assert solve(tf.concat([x, starts[2:]], 0), 1e-4, 200)[1] == 1
 
 
-@pytest.mark.parametrize("bad", [dict(power_iters=0), dict(power_iters=2.5), dict(power_tol=-1.0),
-                                 dict(power_oversample=-1)])
+@pytest.mark.parametrize(
+    "bad",
+    [dict(power_iters=0), dict(power_iters=2.5), dict(power_tol=-1.0), dict(power_oversample=-1)],
+)
 def test_block_power_options_are_checked(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         fit_on("kpsvd", *close_pairs_case(), **bad)
@@ -279,8 +287,10 @@ def test_fidelity_inequalities(problem):
     """Optimality that holds on every batch: KPSVD is the best single pair,
     deflation/Lanczos the best two pairs, EKFAC the best diagonal in K-FAC's
     basis, KFAC-corrected adds the best pair of K-FAC's residual."""
-    e = {m: err(problem, matrix(problem, m)) for m in
-         ("kfac", "ekfac", "kpsvd", "deflation", "lanczos", "kfac_corrected")}
+    e = {
+        m: err(problem, matrix(problem, m))
+        for m in ("kfac", "ekfac", "kpsvd", "deflation", "lanczos", "kfac_corrected")
+    }
     tol = 1e-5
     assert e["ekfac"] <= e["kfac"] + tol
     assert e["kpsvd"] <= e["kfac"] + tol
@@ -301,7 +311,8 @@ def dense_preconditioner(curvature, shape, damping, batch=None):
 
 
 @pytest.mark.parametrize(
-    "method", [
+    "method",
+    [
         "kfac",
         "ekfac",
         "kpsvd",
@@ -311,7 +322,7 @@ def dense_preconditioner(curvature, shape, damping, batch=None):
         "tengrad",
         "cgfac",
         "diagonal",
-    ]
+    ],
 )
 @pytest.mark.parametrize("damping", [1e-1, 1e-4])
 def test_preconditioner_is_symmetric_positive_definite(problem, method, damping):

@@ -9,8 +9,18 @@ import pytest
 
 import keras_kfac
 
-METHODS = ["kfac", "ekfac", "kpsvd", "deflation", "lanczos", "kfac_corrected",
-           "tengrad", "cgfac", "diagonal", "auto"]
+METHODS = [
+    "kfac",
+    "ekfac",
+    "kpsvd",
+    "deflation",
+    "lanczos",
+    "kfac_corrected",
+    "tengrad",
+    "cgfac",
+    "diagonal",
+    "auto",
+]
 
 
 def data(kind, n=512, seed=0):

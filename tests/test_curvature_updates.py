@@ -13,8 +13,8 @@ import tensorflow as tf
 
 import keras_kfac
 from reference import (
-    fisher_block,
     factored_damped,
+    fisher_block,
     flat_params,
     kfac_factors,
     layer_ag,

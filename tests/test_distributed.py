@@ -79,7 +79,12 @@ def check_matches_single_device(result):
 
 
 FAST = [
-    "kfac:sampled", "kfac:empirical", "tengrad:sampled", "jit", "adaptive_step", "adaptive_damping"
+    "kfac:sampled",
+    "kfac:empirical",
+    "tengrad:sampled",
+    "jit",
+    "adaptive_step",
+    "adaptive_damping",
 ]
 
 

@@ -84,13 +84,17 @@ def test_ggn_of_linear_least_squares_is_the_closed_form():
 
 
 def test_relative_error_is_a_tensor():
-    error = exact.relative_error(tf.constant([[2.0, 0.0], [0.0, 0.0]]), np.array([[1.0, 0.0], [0.0, 0.0]]))
+    error = exact.relative_error(
+        tf.constant([[2.0, 0.0], [0.0, 0.0]]), np.array([[1.0, 0.0], [0.0, 0.0]])
+    )
     assert isinstance(error, tf.Tensor) and error.dtype == tf.float32
     np.testing.assert_allclose(error.numpy(), 0.5)
 
 
 def test_a_layer_with_several_blocks_must_be_named_by_block():
-    model = keras.Sequential([keras.Input((3, 2)), keras.layers.GRU(2, name="gru"), keras.layers.Dense(3)])
+    model = keras.Sequential(
+        [keras.Input((3, 2)), keras.layers.GRU(2, name="gru"), keras.layers.Dense(3)]
+    )
     with pytest.raises(ValueError, match="gru_kernel, gru_recurrent_kernel, gru_bias"):
         exact.resolve_block(model, "gru")
     assert exact.resolve_block(model, "gru_bias").name == "gru_bias"
@@ -150,7 +154,10 @@ def _step_ggn(model, x, y, blocks, jit_compile):
         record = capture.current()
         objective = quadratic.require(quadratic.batch_objective(model, capture, record))
         values = objective.current_values()
-        return [exact.step_ggn_block(record, b, lambda f: objective.output_loss(values, f)) for b in blocks]
+        return [
+            exact.step_ggn_block(record, b, lambda f: objective.output_loss(values, f))
+            for b in blocks
+        ]
 
     try:
         return [m.numpy() for m in run(tf.constant(x), tf.constant(y))]
@@ -160,7 +167,12 @@ def _step_ggn(model, x, y, blocks, jit_compile):
 
 @pytest.mark.parametrize(
     "kind,jit_compile",
-    [("conv_norm", False), ("conv_norm", True), ("gru", False), pytest.param("gru", True, marks=pytest.mark.slow)],
+    [
+        ("conv_norm", False),
+        ("conv_norm", True),
+        ("gru", False),
+        pytest.param("gru", True, marks=pytest.mark.slow),
+    ],
 )
 def test_step_ggn_equals_the_jacobian_ggn(kind, jit_compile):
     """Conv2D, LayerNormalization (scale-and-shift), Dense and the three
@@ -198,4 +210,6 @@ def test_monitor_fidelity_of_a_normalization_block(jit_compile):
     for name, ggn in reference.items():
         expected = exact.relative_error(ggn, opt.curvature_matrix(name)).numpy()
         assert expected > 0.01  # a sampled estimate, not the exact block
-        np.testing.assert_allclose(d[f"{name}/fidelity_relative_error"].numpy(), expected, rtol=2e-3)
+        np.testing.assert_allclose(
+            d[f"{name}/fidelity_relative_error"].numpy(), expected, rtol=2e-3
+        )

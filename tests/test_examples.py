@@ -12,15 +12,27 @@ def test_mnist_autoencoder_quick(raw_data, tfds_dir):
     raw_data("mnist")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "examples", "mnist_autoencoder.py"),
-         "--quick", "--verbose", "2", "--data-dir", tfds_dir],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            os.path.join(REPO, "examples", "mnist_autoencoder.py"),
+            "--quick",
+            "--verbose",
+            "2",
+            "--data-dir",
+            tfds_dir,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "Summary: MNIST autoencoder" in proc.stdout, out[-4000:]
     for name in ("kfac", "adam"):
-        row = re.search(rf"^{name}\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$",
-                        proc.stdout, re.M)
+        row = re.search(
+            rf"^{name}\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", proc.stdout, re.M
+        )
         assert row, f"no summary row for {name}:\n{proc.stdout[-2000:]}"
         assert int(row.group(1)) == 2  # 512 images, batch 256, 1 epoch

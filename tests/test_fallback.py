@@ -2,13 +2,12 @@
 ``keras.optimizers.Adam`` (Keras's formulation, sparse gradients, weight
 decay at the fallback's own rate), saved and restored with the model."""
 
+import keras
 import numpy as np
 import pytest
-import keras
 import tensorflow as tf
 
 import keras_kfac
-
 from test_checkpoint import assert_same_state
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -119,7 +118,9 @@ def test_fallback_layers_are_named_with_their_share_once():
     model = mixed_model()
     opt = kfac()
     model.compile(optimizer=opt, loss=SCCE)
-    with pytest.warns(UserWarning, match=r"of the trainable parameters .* scale \(Scale\)") as record:
+    with pytest.warns(
+        UserWarning, match=r"of the trainable parameters .* scale \(Scale\)"
+    ) as record:
         model.fit(x, y, batch_size=8, epochs=2, verbose=0)
     assert sum("Adam fallback" in str(w.message) for w in record) == 1  # once, at build
     share = 4 / sum(int(np.prod(v.shape)) for v in model.trainable_variables)

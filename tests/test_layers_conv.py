@@ -21,8 +21,8 @@ from keras_kfac.fidelity import fitted_curvature
 from keras_kfac.layers import block_class_for_layer, block_for_layer, unsupported_reason
 from keras_kfac.layers.conv import ConvBlock
 from reference import (
-    fisher_block,
     factored_damped,
+    fisher_block,
     fisher_from_ag,
     kfac_factors,
     layer_ag,
@@ -41,9 +41,15 @@ LR, DAMPING = 0.1, 0.05
 CASES = {
     "conv1d_same_s2": (lambda: L.Conv1D(3, 3, strides=2, padding="same"), (9, 2)),
     "conv1d_causal_d2": (lambda: L.Conv1D(3, 3, dilation_rate=2, padding="causal"), (9, 2)),
-    "conv1d_groups_cf": (lambda: L.Conv1D(4, 3, groups=2, padding="same", data_format="channels_first"), (4, 9)),
+    "conv1d_groups_cf": (
+        lambda: L.Conv1D(4, 3, groups=2, padding="same", data_format="channels_first"),
+        (4, 9),
+    ),
     "conv2d_groups_s2": (lambda: L.Conv2D(4, 3, groups=2, strides=2, padding="same"), (6, 6, 4)),
-    "conv3d_same_s2": (lambda: L.Conv3D(3, (2, 3, 2), strides=(2, 1, 2), padding="same"), (5, 5, 4, 2)),
+    "conv3d_same_s2": (
+        lambda: L.Conv3D(3, (2, 3, 2), strides=(2, 1, 2), padding="same"),
+        (5, 5, 4, 2),
+    ),
     "conv3d_dilated_cf": (
         lambda: L.Conv3D(3, (2, 3, 2), dilation_rate=(2, 1, 2), data_format="channels_first"),
         (2, 5, 5, 6),
@@ -52,19 +58,40 @@ CASES = {
     "depthwise1d_s2": (lambda: L.DepthwiseConv1D(3, strides=2), (9, 3)),
     "conv2dT_same_s2": (lambda: L.Conv2DTranspose(3, 3, strides=2, padding="same"), (4, 4, 2)),
     "conv2dT_valid_s2": (lambda: L.Conv2DTranspose(3, 3, strides=2), (4, 4, 2)),
-    "conv2dT_outpad": (lambda: L.Conv2DTranspose(3, 4, strides=3, padding="same", output_padding=1), (4, 4, 2)),
+    "conv2dT_outpad": (
+        lambda: L.Conv2DTranspose(3, 4, strides=3, padding="same", output_padding=1),
+        (4, 4, 2),
+    ),
     "conv2dT_dilated_cf": (
-        lambda: L.Conv2DTranspose(3, 3, dilation_rate=2, padding="same", data_format="channels_first"),
+        lambda: L.Conv2DTranspose(
+            3, 3, dilation_rate=2, padding="same", data_format="channels_first"
+        ),
         (2, 4, 4),
     ),
     "conv1dT_outpad": (lambda: L.Conv1DTranspose(3, 3, strides=2, output_padding=1), (5, 2)),
-    "conv3dT_same": (lambda: L.Conv3DTranspose(2, (2, 3, 2), strides=(2, 1, 2), padding="same"), (3, 3, 3, 2)),
-    "separable2d_s2": (lambda: L.SeparableConv2D(3, 3, depth_multiplier=2, strides=2, padding="same"), (6, 6, 2)),
-    "separable1d_cf": (lambda: L.SeparableConv1D(3, 3, dilation_rate=2, data_format="channels_first"), (2, 9)),
+    "conv3dT_same": (
+        lambda: L.Conv3DTranspose(2, (2, 3, 2), strides=(2, 1, 2), padding="same"),
+        (3, 3, 3, 2),
+    ),
+    "separable2d_s2": (
+        lambda: L.SeparableConv2D(3, 3, depth_multiplier=2, strides=2, padding="same"),
+        (6, 6, 2),
+    ),
+    "separable1d_cf": (
+        lambda: L.SeparableConv1D(3, 3, dilation_rate=2, data_format="channels_first"),
+        (2, 9),
+    ),
 }
 
 # One of each block kind and rank for the (compiling) training steps.
-STEP_CASES = ["conv1d_causal_d2", "conv3d_same_s2", "conv2dT_same_s2", "conv2d_groups_s2", "depthwise2d_m2", "separable2d_s2"]
+STEP_CASES = [
+    "conv1d_causal_d2",
+    "conv3d_same_s2",
+    "conv2dT_same_s2",
+    "conv2d_groups_s2",
+    "depthwise2d_m2",
+    "separable2d_s2",
+]
 
 
 def make_problem(case, n=4, seed=0):
@@ -105,10 +132,14 @@ def test_block_gives_exact_per_example_gradients(case):
     for i in range(len(x)):
         v = np.einsum("t...a,t...g->...ag", a[i], g[i])
         assert rel(flatten(block.from_matrix(tf.constant(v))), u[i]) < 1e-5
-        np.testing.assert_allclose(block.to_matrix(split(block, u[i])).numpy(), v, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            block.to_matrix(split(block, u[i])).numpy(), v, rtol=1e-4, atol=1e-6
+        )
 
 
-@pytest.mark.parametrize("case", ["conv1d_causal_d2", "conv2d_groups_s2", "depthwise2d_m2", "conv2dT_valid_s2"])
+@pytest.mark.parametrize(
+    "case", ["conv1d_causal_d2", "conv2d_groups_s2", "depthwise2d_m2", "conv2dT_valid_s2"]
+)
 def test_kfac_factors_match_reference(case):
     model, layer, x, y = make_problem(case)
     want_a, want_g = kfac_factors(*layer_ag(model, layer, x, y, LOSS))
@@ -135,7 +166,8 @@ def expected_step(a, g, v, damping_mode):
 
 
 @pytest.mark.parametrize(
-    "mode,damping_mode", [("graph", "factored"), ("eager", "factored"), ("xla", "factored"), ("graph", "eigen")]
+    "mode,damping_mode",
+    [("graph", "factored"), ("eager", "factored"), ("xla", "factored"), ("graph", "eigen")],
 )
 @pytest.mark.parametrize("case", STEP_CASES)
 def test_one_step_update(case, mode, damping_mode):
@@ -144,7 +176,9 @@ def test_one_step_update(case, mode, damping_mode):
     want_a, want_g = kfac_factors(*layer_ag(model, layer, x, y, LOSS))
     grad = per_example_gradients(model, layer, x, y, LOSS).numpy().astype(np.float64).mean(0)
     v = block.to_matrix(split(block, grad)).numpy()
-    want = flatten(block.from_matrix(tf.constant(expected_step(want_a, want_g, v, damping_mode), tf.float32)))
+    want = flatten(
+        block.from_matrix(tf.constant(expected_step(want_a, want_g, v, damping_mode), tf.float32))
+    )
     opt = keras_kfac.KFAC(
         learning_rate=LR,
         damping=DAMPING,
@@ -208,7 +242,9 @@ def test_every_method_trains_the_new_blocks(method):
     if not curvature_lib.get(method).supports_groups:
         opt = keras_kfac.KFAC(curvature=method, **common)
         model.compile(optimizer=opt, loss=LOSS)
-        with pytest.raises(ValueError, match="does not handle the grouped layer 'grouped'.*Methods that do: .*kfac"):
+        with pytest.raises(
+            ValueError, match="does not handle the grouped layer 'grouped'.*Methods that do: .*kfac"
+        ):
             model.fit(x, y, batch_size=6, verbose=0)
         model = mixed_model()
         curvature = dict({name: "kfac" for name in GROUPED}, default=method)
@@ -337,7 +373,9 @@ def test_grouped_methods_match_brute_force(case):
 
     v = np.random.default_rng(1).normal(size=(block.groups, block.a_dim, block.g_dim))
     batch = layer_batch(model, layer, x, y, LOSS)
-    tengrad = curvature_lib.get("tengrad")(block).precondition(tf.constant(v, tf.float32), DAMPING, batch)
+    tengrad = curvature_lib.get("tengrad")(block).precondition(
+        tf.constant(v, tf.float32), DAMPING, batch
+    )
     want = np.linalg.solve(f + DAMPING * np.eye(len(f)), v.ravel())
     assert rel(tengrad.numpy().ravel(), want) < 1e-3
     cgfac = curvature_lib.get("cgfac")(block, cg_max_iters=200, cg_tol=1e-7)

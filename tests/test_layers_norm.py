@@ -35,8 +35,14 @@ CASES = {
     "layer_norm_axes": ((3, 4, 2), lambda: keras.layers.LayerNormalization(axis=[1, 3])),
     "layer_norm_rms_scaling": ((5, 6), lambda: keras.layers.LayerNormalization(rms_scaling=True)),
     "batch_norm": ((4, 4, 3), lambda: keras.layers.BatchNormalization(momentum=0.8)),
-    "batch_norm_channels_first": ((3, 4, 4), lambda: keras.layers.BatchNormalization(axis=1, momentum=0.8)),
-    "batch_norm_shift_only": ((4, 4, 3), lambda: keras.layers.BatchNormalization(scale=False, momentum=0.8)),
+    "batch_norm_channels_first": (
+        (3, 4, 4),
+        lambda: keras.layers.BatchNormalization(axis=1, momentum=0.8),
+    ),
+    "batch_norm_shift_only": (
+        (4, 4, 3),
+        lambda: keras.layers.BatchNormalization(scale=False, momentum=0.8),
+    ),
     "group_norm": ((4, 4, 6), lambda: keras.layers.GroupNormalization(groups=3)),
     "rms_norm": ((5, 6), lambda: keras.layers.RMSNormalization()),
 }
@@ -52,7 +58,9 @@ def make_case(name, n=8, seed=0):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # rms_scaling is deprecated
         layer = factory()
-    model = keras.Sequential([keras.Input(shape), layer, keras.layers.Flatten(), keras.layers.Dense(3)])
+    model = keras.Sequential(
+        [keras.Input(shape), layer, keras.layers.Flatten(), keras.layers.Dense(3)]
+    )
     for w in layer.weights:
         if "variance" in w.path:
             w.assign(rng.uniform(0.5, 2.0, w.shape).astype("float32"))
@@ -158,19 +166,27 @@ def reference_step(model, layer, x, y):
     fisher = np.einsum("nkf,nlf->fkl", u, u) / len(x)
     grad = u.mean(0)  # (k, F)
     eye = np.eye(block.a_dim)
-    step = np.stack([np.linalg.solve(fisher[j] + DAMPING * eye, grad[:, j]) for j in range(block.g_dim)])
+    step = np.stack(
+        [np.linalg.solve(fisher[j] + DAMPING * eye, grad[:, j]) for j in range(block.g_dim)]
+    )
     return -LR * step.T.ravel(), grad.ravel()
 
 
 def flat(layer):
-    return np.concatenate([v.numpy().astype(np.float64).ravel() for v in block_for_layer(layer).variables])
+    return np.concatenate(
+        [v.numpy().astype(np.float64).ravel() for v in block_for_layer(layer).variables]
+    )
 
 
-STEP_CASES = [(name, "graph") for name in CASES] + [
-    (name, mode)
-    for name in ("layer_norm", "batch_norm_channels_first", "group_norm", "rms_norm")
-    for mode in ("eager",)
-] + [(name, "xla") for name in ("layer_norm", "batch_norm_channels_first")]  # XLA compiles are slow here
+STEP_CASES = (
+    [(name, "graph") for name in CASES]
+    + [
+        (name, mode)
+        for name in ("layer_norm", "batch_norm_channels_first", "group_norm", "rms_norm")
+        for mode in ("eager",)
+    ]
+    + [(name, "xla") for name in ("layer_norm", "batch_norm_channels_first")]
+)  # XLA compiles are slow here
 
 
 @pytest.mark.parametrize("name,mode", STEP_CASES)
@@ -202,8 +218,12 @@ def test_batch_norm_moving_statistics_updated_once_and_not_by_the_optimizer():
     model.train_on_batch(x, y)
     batch_mean = x.mean(axis=(0, 2, 3))
     batch_var = x.var(axis=(0, 2, 3))
-    np.testing.assert_allclose(layer.moving_mean.numpy(), 0.8 * mean0 + 0.2 * batch_mean, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(layer.moving_variance.numpy(), 0.8 * var0 + 0.2 * batch_var, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy(), 0.8 * mean0 + 0.2 * batch_mean, rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        layer.moving_variance.numpy(), 0.8 * var0 + 0.2 * batch_var, rtol=1e-5, atol=1e-6
+    )
     paths = [v.path for v in block_for_layer(layer).variables]
     assert paths == [layer.gamma.path, layer.beta.path]
     # Inference uses the moving statistics and changes nothing.
@@ -265,5 +285,8 @@ def test_fidelity_report_uses_the_fixed_curvature():
     exact = fisher_block(model, layer, x, y, LOSS).numpy()
     f = block_for_layer(layer).g_dim
     assert set(report[layer.name]) == {"scale_and_shift"}
-    assert abs(report[layer.name]["scale_and_shift"] - rel(exact * np.tile(np.eye(f), (2, 2)), exact)) < 1e-4
+    assert (
+        abs(report[layer.name]["scale_and_shift"] - rel(exact * np.tile(np.eye(f), (2, 2)), exact))
+        < 1e-4
+    )
     assert set(report[model.layers[-1].name]) == {"kfac"}

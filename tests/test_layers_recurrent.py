@@ -6,9 +6,9 @@ unrolled implementation of each cell (checked against the Keras layer's
 output), with the gate pre-activations as differentiation targets.
 """
 
+import keras
 import numpy as np
 import pytest
-import keras
 import tensorflow as tf
 
 import keras_kfac
@@ -88,7 +88,9 @@ def reference_steps(model, layer, x, y):
     and the model output of the unrolled reference (no masking: ``x`` has
     none). ``g`` is of the summed per-example losses."""
     cell = layer.cell
-    kernel, rec, bias = (tf.constant(v.numpy()) for v in (cell.kernel, cell.recurrent_kernel, cell.bias))
+    kernel, rec, bias = (
+        tf.constant(v.numpy()) for v in (cell.kernel, cell.recurrent_kernel, cell.bias)
+    )
     u = UNITS
     h = tf.zeros((N, u))
     c = tf.zeros((N, u))
@@ -158,7 +160,11 @@ def test_blocks_give_exact_per_example_gradients(kind, config):
         assert a.shape == (N, T, block.a_dim) and g.shape == (N, T, block.g_dim)
         exact = per_example_gradients(model, block, x, y, loss_fn).numpy()
         np.testing.assert_allclose(
-            block.per_example_gradients(a, g).numpy(), exact, rtol=1e-5, atol=1e-6, err_msg=block.name
+            block.per_example_gradients(a, g).numpy(),
+            exact,
+            rtol=1e-5,
+            atol=1e-6,
+            err_msg=block.name,
         )
     if CONFIGS[config].get("mask"):
         # Padded steps: no gradient and no input-factor contribution.
@@ -185,7 +191,9 @@ def test_stateful_layer_outputs_states_and_first_step_input(kind):
         carried = layer.states[0].numpy()
         _, out, ag = recorded_blocks(model, layer, x, y)
         np.testing.assert_allclose(out, clone(x).numpy(), rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(layer.states[0].numpy(), clone.layers[1].states[0].numpy(), atol=1e-6)
+        np.testing.assert_allclose(
+            layer.states[0].numpy(), clone.layers[1].states[0].numpy(), atol=1e-6
+        )
         np.testing.assert_allclose(ag[1][0][:, 0], carried, atol=1e-6)
     assert np.abs(carried).max() > 0.1
 
@@ -209,8 +217,13 @@ def test_factors_and_one_step_update_through_fit(kind, mode):
     model, layer, x, y = problem(kind)
     lr, damping = 0.1, 0.05
     opt = keras_kfac.KFAC(
-        learning_rate=lr, damping=damping, momentum=0.0, kl_clip=None,
-        stats_decay=0.5, inverse_every=1, fisher="empirical",
+        learning_rate=lr,
+        damping=damping,
+        momentum=0.0,
+        kl_clip=None,
+        stats_decay=0.5,
+        inverse_every=1,
+        fisher="empirical",
     )
     model.compile(
         optimizer=opt,

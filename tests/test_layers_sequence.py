@@ -56,8 +56,12 @@ def einsum_problem(equation, output_shape, bias_axes, in_shape, n=6, seed=0):
         [
             keras.Input(in_shape),
             keras.layers.EinsumDense(
-                equation, output_shape, bias_axes=bias_axes, activation="tanh",
-                bias_initializer="random_normal", name="target",
+                equation,
+                output_shape,
+                bias_axes=bias_axes,
+                activation="tanh",
+                bias_initializer="random_normal",
+                name="target",
             ),
             keras.layers.Flatten(),
             keras.layers.Dense(3),
@@ -108,8 +112,8 @@ def mha_model(n=5, seed=0):
 
 def test_multi_head_attention_projections_found_and_exact():
     model, x, y = mha_model()
-    einsum = [l for l in candidate_layers(model) if isinstance(l, keras.layers.EinsumDense)]
-    assert sorted(l.name for l in einsum) == ["attention_output", "key", "query", "value"]
+    einsum = [x for x in candidate_layers(model) if isinstance(x, keras.layers.EinsumDense)]
+    assert sorted(x.name for x in einsum) == ["attention_output", "key", "query", "value"]
     for layer in einsum:
         block = block_for_layer(layer, model=model)
         assert block is not None, unsupported_reason(layer)
@@ -127,8 +131,15 @@ def test_multi_head_attention_projections_found_and_exact():
 # --- one step through the optimizer --------------------------------------------
 def compiled(model, mode, **options):
     opt = keras_kfac.KFAC(
-        learning_rate=LR, damping=DAMPING, momentum=0.0, kl_clip=None, stats_decay=0.0,
-        stats_every=1, inverse_every=1, fisher="empirical", curvature_options=options,
+        learning_rate=LR,
+        damping=DAMPING,
+        momentum=0.0,
+        kl_clip=None,
+        stats_decay=0.0,
+        stats_every=1,
+        inverse_every=1,
+        fisher="empirical",
+        curvature_options=options,
     )
     model.compile(optimizer=opt, loss=LOSS, run_eagerly=mode == "eager", jit_compile=mode == "xla")
     return opt
@@ -148,7 +159,9 @@ def expect_step(model, layer, x, y, damped):
 
 
 # Every mode with the default weight sharing, the other one in graph mode.
-@pytest.mark.parametrize("mode,sharing", [("graph", "auto"), ("eager", "auto"), ("xla", "auto"), ("graph", "expand")])
+@pytest.mark.parametrize(
+    "mode,sharing", [("graph", "auto"), ("eager", "auto"), ("xla", "auto"), ("graph", "expand")]
+)
 def test_einsum_dense_one_step(mode, sharing):
     model, layer, x, y = einsum_problem(*EQUATIONS[1])
     opt = compiled(model, mode, weight_sharing=sharing)
@@ -157,7 +170,10 @@ def test_einsum_dense_one_step(mode, sharing):
     resolved = "reduce" if sharing == "auto" else "expand"
     A, G = reference_factors(a.astype(np.float64), g.astype(np.float64), resolved)
     expect_step(model, layer, x, y, factored_damped(A, G, DAMPING))
-    assert opt.estimator.blocks[[b.layer for b in opt.estimator.blocks].index(layer)].weight_sharing == resolved
+    assert (
+        opt.estimator.blocks[[b.layer for b in opt.estimator.blocks].index(layer)].weight_sharing
+        == resolved
+    )
     assert f"AxG,{resolved}" in opt.summary(print_fn=lambda s: None)
 
 
@@ -215,8 +231,14 @@ def test_expand_and_reduce_exact_in_their_setting(kind, pooled):
 
 def test_weight_sharing_option_per_layer_and_validation():
     model, layer, _ = linear_net("dense", pooled=True)
-    assert block_for_layer(layer, model=model, weight_sharing={"target": "expand"}).weight_sharing == "expand"
-    assert block_for_layer(layer, model=model, weight_sharing={"default": "reduce"}).weight_sharing == "reduce"
+    assert (
+        block_for_layer(layer, model=model, weight_sharing={"target": "expand"}).weight_sharing
+        == "expand"
+    )
+    assert (
+        block_for_layer(layer, model=model, weight_sharing={"default": "reduce"}).weight_sharing
+        == "reduce"
+    )
     with pytest.raises(ValueError, match="weight_sharing"):
         block_for_layer(layer, model=model, weight_sharing="mean")
     with pytest.raises(ValueError, match="default"):
@@ -261,7 +283,8 @@ def test_embedding_per_example_gradients_and_diagonal_factor():
 
 
 @pytest.mark.parametrize(
-    "mode,sharing", [("graph", "expand"), ("eager", "expand"), ("xla", "expand"), ("graph", "reduce")]
+    "mode,sharing",
+    [("graph", "expand"), ("eager", "expand"), ("xla", "expand"), ("graph", "reduce")],
 )
 def test_embedding_one_step(mode, sharing):
     model, layer, x, y = embedding_problem()
@@ -275,8 +298,11 @@ def test_embedding_gradient_stays_sparse_through_the_preconditioner():
     model, layer, x, y = embedding_problem()
     block = block_for_layer(layer)
     curvature = KFACCurvature(block)
-    curvature.build(lambda name, shape, initializer="zeros": tf.Variable(
-        keras.initializers.get(initializer)(shape, dtype="float32")))
+    curvature.build(
+        lambda name, shape, initializer="zeros": tf.Variable(
+            keras.initializers.get(initializer)(shape, dtype="float32")
+        )
+    )
     curvature.update_statistics(layer_batch(model, layer, x, y, LOSS), tf.constant(0.0))
     curvature.refresh(tf.constant(DAMPING))
     with tf.GradientTape() as tape:
@@ -322,7 +348,11 @@ def test_size_guard_diagonal_input_factor_one_step(mode):
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     model = keras.Sequential(
-        [keras.Input((40,)), keras.layers.Dense(3, activation="tanh", name="target"), keras.layers.Dense(3)]
+        [
+            keras.Input((40,)),
+            keras.layers.Dense(3, activation="tanh", name="target"),
+            keras.layers.Dense(3),
+        ]
     )
     layer = model.get_layer("target")
     x, y = rng.normal(size=(8, 40)).astype("float32"), rng.integers(0, 3, size=8)
@@ -336,7 +366,9 @@ def test_size_guard_diagonal_input_factor_one_step(mode):
 
 
 def test_size_guard_on_a_vgg16_sized_dense_by_default():
-    model = keras.Sequential([keras.Input((25088,)), keras.layers.Dense(8, name="fc"), keras.layers.Dense(2)])
+    model = keras.Sequential(
+        [keras.Input((25088,)), keras.layers.Dense(8, name="fc"), keras.layers.Dense(2)]
+    )
     opt = keras_kfac.KFAC(model=model, fisher="empirical")
     text = opt.summary(print_fn=lambda s: None)
     fc_line = next(line for line in text.splitlines() if line.startswith("fc"))
@@ -348,8 +380,11 @@ def test_eigen_damping_with_diagonal_factor_is_exact_inverse():
     model, layer, x, y = embedding_problem()
     block = block_for_layer(layer)
     curvature = KFACCurvature(block, damping_mode="eigen")
-    curvature.build(lambda name, shape, initializer="zeros": tf.Variable(
-        keras.initializers.get(initializer)(shape, dtype="float32")))
+    curvature.build(
+        lambda name, shape, initializer="zeros": tf.Variable(
+            keras.initializers.get(initializer)(shape, dtype="float32")
+        )
+    )
     curvature.update_statistics(layer_batch(model, layer, x, y, LOSS), tf.constant(0.0))
     curvature.refresh(tf.constant(DAMPING))
     v = tf.random.normal((block.a_dim, block.g_dim), seed=1)

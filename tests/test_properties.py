@@ -36,9 +36,12 @@ def configurations(draw):
         strides = (1, 1) if dilation > 1 else (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
         span = (k - 1) * dilation + 1
         config.update(
-            k=k, dilation=(dilation, dilation), strides=strides,
+            k=k,
+            dilation=(dilation, dilation),
+            strides=strides,
             padding=draw(st.sampled_from(["valid", "same"])),
-            size=draw(st.integers(span, span + 3)), c_in=draw(st.integers(1, 2)),
+            size=draw(st.integers(span, span + 3)),
+            c_in=draw(st.integers(1, 2)),
         )
     return config
 
@@ -48,8 +51,10 @@ def build(config):
     rng = np.random.default_rng(config["seed"])
     n = config["n"]
     if config["kind"] == "dense":
-        shape = (config["d_in"],) if config["locations"] is None else (
-            config["locations"], config["d_in"]
+        shape = (
+            (config["d_in"],)
+            if config["locations"] is None
+            else (config["locations"], config["d_in"])
         )
         layer = keras.layers.Dense(config["c_out"], use_bias=config["use_bias"])
     else:
@@ -97,8 +102,14 @@ def test_random_layer_statistics_and_one_step_update(config):
     model, layer, x, y = build(config)
     lr, damping = 0.1, 0.05
     opt = keras_kfac.KFAC(
-        learning_rate=lr, damping=damping, momentum=0.0, kl_clip=None, stats_decay=0.5,
-        inverse_every=1, fisher="empirical", damping_mode=config["damping_mode"],
+        learning_rate=lr,
+        damping=damping,
+        momentum=0.0,
+        kl_clip=None,
+        stats_decay=0.5,
+        inverse_every=1,
+        fisher="empirical",
+        damping_mode=config["damping_mode"],
     )
     model.compile(optimizer=opt, loss=SCCE, run_eagerly=True)
     a, g = brute_force_ag(config, model, layer, x, y)

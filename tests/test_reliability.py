@@ -147,8 +147,14 @@ def singular_factor_setup(damping, damping_mode="factored"):
         ]
     )
     opt = keras_kfac.KFAC(
-        damping=damping, damping_mode=damping_mode, stats_every=1000, inverse_every=1,
-        momentum=0.0, kl_clip=None, learning_rate=0.01, fisher="empirical",
+        damping=damping,
+        damping_mode=damping_mode,
+        stats_every=1000,
+        inverse_every=1,
+        momentum=0.0,
+        kl_clip=None,
+        learning_rate=0.01,
+        fisher="empirical",
     )
     model.compile(optimizer=opt, loss="mse")
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
@@ -288,7 +294,9 @@ def test_sampled_fisher_with_an_unsupported_output_loss_names_the_output():
     x, _ = classification_data()
     y = [np.zeros(len(x), "int64"), np.zeros((len(x), 2), "float32")]
     model = two_output_model()
-    model.compile(optimizer=keras_kfac.KFAC(fisher="sampled"), loss=[SCCE, lambda t, p: tf.abs(t - p)])
+    model.compile(
+        optimizer=keras_kfac.KFAC(fisher="sampled"), loss=[SCCE, lambda t, p: tf.abs(t - p)]
+    )
     with pytest.raises(ValueError, match="output 'reg'.*fisher='empirical'"):
         model.fit(x, y, epochs=1, verbose=0)
 
@@ -320,8 +328,13 @@ def test_unsamplable_loss_is_an_error_before_any_tracing():
 
 def exact_one_step(lr=0.1, damping=0.05):
     return keras_kfac.KFAC(
-        learning_rate=lr, damping=damping, momentum=0.0, kl_clip=None, stats_decay=0.0,
-        inverse_every=1, fisher="empirical",
+        learning_rate=lr,
+        damping=damping,
+        momentum=0.0,
+        kl_clip=None,
+        stats_decay=0.0,
+        inverse_every=1,
+        fisher="empirical",
     )
 
 
@@ -379,7 +392,10 @@ def test_frozen_layer_is_skipped_and_stays_fixed():
     before = [w.numpy().copy() for w in frozen.weights]
     losses = model.fit(x, y, batch_size=16, epochs=10, verbose=0).history["loss"]
     assert losses[-1] < 0.6 * losses[0]
-    assert [b.layer.name for b in opt.estimator.blocks] == [model.layers[1].name, model.layers[2].name]
+    assert [b.layer.name for b in opt.estimator.blocks] == [
+        model.layers[1].name,
+        model.layers[2].name,
+    ]
     for w, w0 in zip(frozen.weights, before):
         np.testing.assert_array_equal(w.numpy(), w0)
     with pytest.raises(ValueError, match="has no curvature block"):

@@ -25,7 +25,11 @@ def _imports(path, modules):
     for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name in modules}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("keras_kfac"):
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.startswith("keras_kfac")
+        ):
             for alias in node.names:
                 sub = f"{node.module}.{alias.name}"
                 found.add(sub if sub in modules else node.module)
@@ -46,7 +50,9 @@ def test_no_import_cycle():
             if dep.startswith(m + "."):
                 continue
             if state.get(dep) == "open":
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(dep):] + [dep]))
+                raise AssertionError(
+                    "import cycle: " + " -> ".join(stack[stack.index(dep) :] + [dep])
+                )
             if dep not in state:
                 visit(dep)
         stack.pop()

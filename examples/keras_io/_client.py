@@ -45,10 +45,15 @@ def _parse_args():
     parser = argparse.ArgumentParser(
         description="A client program run with its own optimizer or with keras_kfac.KFAC()."
     )
-    parser.add_argument("--optimizer", choices=("own", "kfac"), default="own",
-                        help="own: the program's own optimizer; kfac: keras_kfac.KFAC()")
-    parser.add_argument("--quick", action="store_true",
-                        help="a few training steps only (smoke test)")
+    parser.add_argument(
+        "--optimizer",
+        choices=("own", "kfac"),
+        default="own",
+        help="own: the program's own optimizer; kfac: keras_kfac.KFAC()",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a few training steps only (smoke test)"
+    )
     parser.add_argument("--seed", type=int, default=1337)
     return parser.parse_args()
 
@@ -91,8 +96,7 @@ def mnist_load_data():
     out = []
     for prefix in ("train", "t10k"):
         y = _read_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), 8, (-1,))
-        x = _read_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), 16,
-                      (len(y), 28, 28))
+        x = _read_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), 16, (len(y), 28, 28))
         out.append((x, y))
     return tuple(out)
 
@@ -117,6 +121,7 @@ def fortunes_text():
 
 def report(loss, metric_name, metric, higher_is_better):
     """Print the result line: final training loss, main metric, wall time since import."""
+
     def number(v):
         v = float(v)
         return v if math.isfinite(v) else repr(v)  # JSON has no NaN/inf

@@ -14,10 +14,9 @@ batches of 128, 15 % held out for validation. Reported: last training loss; metr
 on the 10,000 test digits.
 """
 
+import _client
 import keras
 from keras import ops
-
-import _client
 
 
 class Antirectifier(keras.layers.Layer):
@@ -63,8 +62,9 @@ mlp.compile(
     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc")],
 )
-log = mlp.fit(x_fit, y_fit, batch_size=128, epochs=_client.budget(3, 1),
-              validation_split=0.15, verbose=2)
+log = mlp.fit(
+    x_fit, y_fit, batch_size=128, epochs=_client.budget(3, 1), validation_split=0.15, verbose=2
+)
 scores = mlp.evaluate(x_eval, y_eval, verbose=0, return_dict=True)
 print("test:", scores)
 

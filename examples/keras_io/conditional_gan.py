@@ -19,12 +19,11 @@ not a measure of image quality). With ``--optimizer kfac`` each network gets its
 ``KFAC()``.
 """
 
+import _client
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
-
-import _client
 
 CLASSES = 10
 NOISE = 128
@@ -33,29 +32,35 @@ SIDE = 28
 
 def make_generator():
     channels = NOISE + CLASSES
-    return keras.Sequential([
-        keras.Input(shape=(channels,)),
-        keras.layers.Dense(7 * 7 * channels),
-        keras.layers.LeakyReLU(negative_slope=0.2),
-        keras.layers.Reshape((7, 7, channels)),
-        keras.layers.Conv2DTranspose(128, 4, strides=2, padding="same"),
-        keras.layers.LeakyReLU(negative_slope=0.2),
-        keras.layers.Conv2DTranspose(128, 4, strides=2, padding="same"),
-        keras.layers.LeakyReLU(negative_slope=0.2),
-        keras.layers.Conv2D(1, 7, padding="same", activation="sigmoid"),
-    ], name="generator")
+    return keras.Sequential(
+        [
+            keras.Input(shape=(channels,)),
+            keras.layers.Dense(7 * 7 * channels),
+            keras.layers.LeakyReLU(negative_slope=0.2),
+            keras.layers.Reshape((7, 7, channels)),
+            keras.layers.Conv2DTranspose(128, 4, strides=2, padding="same"),
+            keras.layers.LeakyReLU(negative_slope=0.2),
+            keras.layers.Conv2DTranspose(128, 4, strides=2, padding="same"),
+            keras.layers.LeakyReLU(negative_slope=0.2),
+            keras.layers.Conv2D(1, 7, padding="same", activation="sigmoid"),
+        ],
+        name="generator",
+    )
 
 
 def make_discriminator():
-    return keras.Sequential([
-        keras.Input(shape=(SIDE, SIDE, 1 + CLASSES)),
-        keras.layers.Conv2D(64, 3, strides=2, padding="same"),
-        keras.layers.LeakyReLU(negative_slope=0.2),
-        keras.layers.Conv2D(128, 3, strides=2, padding="same"),
-        keras.layers.LeakyReLU(negative_slope=0.2),
-        keras.layers.GlobalMaxPooling2D(),
-        keras.layers.Dense(1),
-    ], name="discriminator")
+    return keras.Sequential(
+        [
+            keras.Input(shape=(SIDE, SIDE, 1 + CLASSES)),
+            keras.layers.Conv2D(64, 3, strides=2, padding="same"),
+            keras.layers.LeakyReLU(negative_slope=0.2),
+            keras.layers.Conv2D(128, 3, strides=2, padding="same"),
+            keras.layers.LeakyReLU(negative_slope=0.2),
+            keras.layers.GlobalMaxPooling2D(),
+            keras.layers.Dense(1),
+        ],
+        name="discriminator",
+    )
 
 
 def with_label_planes(images, one_hot):
@@ -94,8 +99,9 @@ class ConditionalGAN(keras.Model):
 
         # Discriminator step: real images are labeled 1, generated ones 0.
         fake = self._fake(one_hot, training=False)
-        both = ops.concatenate([with_label_planes(real, one_hot),
-                                with_label_planes(fake, one_hot)], axis=0)
+        both = ops.concatenate(
+            [with_label_planes(real, one_hot), with_label_planes(fake, one_hot)], axis=0
+        )
         truth = ops.concatenate([ops.ones((n, 1)), ops.zeros((n, 1))], axis=0)
         with tf.GradientTape() as tape:
             d_loss = self.loss_fn(truth, self.discriminator(both, training=True))
@@ -131,10 +137,19 @@ log = gan.fit(batches, epochs=1, verbose=2)
 
 # One generated digit per class, all from the same noise vector.
 shared_noise = np.repeat(np.random.default_rng(0).normal(size=(1, NOISE)), CLASSES, axis=0)
-samples = gan.generator.predict(np.hstack([shared_noise, np.eye(CLASSES)]).astype("float32"),
-                                verbose=0)
-print("generated digits:", samples.shape, "mean intensity per class:",
-      np.round(samples.mean(axis=(1, 2, 3)), 3).tolist())
+samples = gan.generator.predict(
+    np.hstack([shared_noise, np.eye(CLASSES)]).astype("float32"), verbose=0
+)
+print(
+    "generated digits:",
+    samples.shape,
+    "mean intensity per class:",
+    np.round(samples.mean(axis=(1, 2, 3)), 3).tolist(),
+)
 
-_client.report(log.history["discriminator_loss"][-1], "generator_loss",
-               log.history["generator_loss"][-1], higher_is_better=False)
+_client.report(
+    log.history["discriminator_loss"][-1],
+    "generator_loss",
+    log.history["generator_loss"][-1],
+    higher_is_better=False,
+)

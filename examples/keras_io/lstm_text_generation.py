@@ -15,10 +15,9 @@ characters are sampled at temperatures 0.5 and 1.0 (``--quick``: 2). Reported: l
 training loss; metric: held-out cross-entropy (lower is better).
 """
 
+import _client
 import keras
 import numpy as np
-
-import _client
 
 WINDOW = 40
 STRIDE = 3
@@ -41,26 +40,31 @@ def sample_next(probabilities, temperature, rng):
 
 corpus = _client.fortunes_text().lower()
 n_fit, n_heldout = _client.budget(150_000, 6_000), _client.budget(30_000, 3_000)
-fit_text, heldout_text = corpus[:n_fit], corpus[n_fit:n_fit + n_heldout]
+fit_text, heldout_text = corpus[:n_fit], corpus[n_fit : n_fit + n_heldout]
 alphabet = sorted(set(fit_text) | set(heldout_text))
 index_of = {c: i for i, c in enumerate(alphabet)}
 x_fit, y_fit = one_hot_windows(fit_text, index_of)
 x_heldout, y_heldout = one_hot_windows(heldout_text, index_of)
 print(f"{len(alphabet)} characters, {len(x_fit)} training and {len(x_heldout)} held-out windows")
 
-model = keras.Sequential([
-    keras.Input(shape=(WINDOW, len(alphabet))),
-    keras.layers.LSTM(128),
-    keras.layers.Dense(len(alphabet), activation="softmax"),
-], name="char_lstm")
-model.compile(optimizer=_client.optimizer(keras.optimizers.RMSprop(learning_rate=0.01)),
-              loss="categorical_crossentropy")
+model = keras.Sequential(
+    [
+        keras.Input(shape=(WINDOW, len(alphabet))),
+        keras.layers.LSTM(128),
+        keras.layers.Dense(len(alphabet), activation="softmax"),
+    ],
+    name="char_lstm",
+)
+model.compile(
+    optimizer=_client.optimizer(keras.optimizers.RMSprop(learning_rate=0.01)),
+    loss="categorical_crossentropy",
+)
 log = model.fit(x_fit, y_fit, batch_size=128, epochs=1, verbose=2)
 
 rng = np.random.default_rng(_client.ARGS.seed)
 start = int(rng.integers(len(fit_text) - WINDOW))
 for temperature in (0.5, 1.0):
-    context = fit_text[start:start + WINDOW]
+    context = fit_text[start : start + WINDOW]
     produced = []
     for _ in range(_client.budget(40, 2)):
         window = np.zeros((1, WINDOW, len(alphabet)), dtype=bool)
@@ -68,7 +72,7 @@ for temperature in (0.5, 1.0):
         probabilities = model.predict(window, verbose=0)[0]
         produced.append(alphabet[sample_next(probabilities, temperature, rng)])
         context = context[1:] + produced[-1]
-    print(f"T={temperature}: {fit_text[start:start + WINDOW]!r} -> {''.join(produced)!r}")
+    print(f"T={temperature}: {fit_text[start : start + WINDOW]!r} -> {''.join(produced)!r}")
 
 heldout_loss = model.evaluate(x_heldout, y_heldout, verbose=0)
 _client.report(log.history["loss"][-1], "heldout_loss", heldout_loss, higher_is_better=False)

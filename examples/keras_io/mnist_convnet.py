@@ -9,10 +9,9 @@ Budget: one epoch over the first 20,000 training digits (``--quick``: 512), batc
 Reported: last training loss; metric: accuracy on the 10,000 test digits.
 """
 
+import _client
 import keras
 import numpy as np
-
-import _client
 
 CLASSES = 10
 

@@ -17,12 +17,11 @@ first 5,000 test digits (``--quick``: 512 and 512). Reported: mean total loss (c
 + penalty) over the training epoch; metric: accuracy on those test digits.
 """
 
+import _client
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
-
-import _client
 
 CLASSES = 10
 BATCH = 128
@@ -32,16 +31,16 @@ class TopKMixture(keras.layers.Layer):
     def __init__(self, units, experts=6, top_k=4, **kwargs):
         super().__init__(**kwargs)
         small = keras.initializers.RandomNormal(stddev=1e-3)
-        self.experts = [keras.layers.Dense(units, kernel_initializer=small)
-                        for _ in range(experts)]
+        self.experts = [keras.layers.Dense(units, kernel_initializer=small) for _ in range(experts)]
         self.gate = keras.layers.Dense(experts, kernel_initializer=small)
         self.top_k = top_k
 
     def build(self, input_shape):
         for layer in self.experts + [self.gate]:
             layer.build(input_shape)
-        self.usage = self.add_weight(name="usage", shape=(len(self.experts),),
-                                     initializer="zeros", trainable=False)
+        self.usage = self.add_weight(
+            name="usage", shape=(len(self.experts),), initializer="zeros", trainable=False
+        )
 
     def call(self, features):
         gates = ops.softmax(self.gate(features))  # (n, E)
@@ -53,8 +52,9 @@ class TopKMixture(keras.layers.Layer):
         entropy = -ops.sum(gates * ops.log(gates + 1e-10), axis=1)
         mass = ops.sum(gates, axis=0)
         # The overflow term has no gradient (picks are discrete); it only shifts the loss.
-        self.penalty = (-ops.mean(entropy) + ops.var(mass)
-                        + ops.sum(ops.relu(counts - ops.mean(counts))))
+        self.penalty = (
+            -ops.mean(entropy) + ops.var(mass) + ops.sum(ops.relu(counts - ops.mean(counts)))
+        )
 
         outputs = ops.stack([expert(features) for expert in self.experts], axis=1)  # (n, E, C)
         return ops.einsum("ne,nec->nc", gates * picked, outputs)
@@ -63,14 +63,17 @@ class TopKMixture(keras.layers.Layer):
 class MixtureClassifier(keras.Model):
     def __init__(self, balance=0.01, **kwargs):
         super().__init__(**kwargs)
-        self.backbone = keras.Sequential([
-            keras.layers.Conv2D(32, 3, activation="relu"),
-            keras.layers.MaxPooling2D(2),
-            keras.layers.Conv2D(64, 3, activation="relu"),
-            keras.layers.MaxPooling2D(2),
-            keras.layers.Flatten(),
-            keras.layers.Dropout(0.5),
-        ], name="features")
+        self.backbone = keras.Sequential(
+            [
+                keras.layers.Conv2D(32, 3, activation="relu"),
+                keras.layers.MaxPooling2D(2),
+                keras.layers.Conv2D(64, 3, activation="relu"),
+                keras.layers.MaxPooling2D(2),
+                keras.layers.Flatten(),
+                keras.layers.Dropout(0.5),
+            ],
+            name="features",
+        )
         self.mixture = TopKMixture(CLASSES, name="mixture")
         self.to_probabilities = keras.layers.Softmax()
         self.balance = balance
@@ -120,12 +123,14 @@ y_fit = np.eye(CLASSES, dtype="float32")[train_labels[:n_fit]]
 y_test = np.eye(CLASSES, dtype="float32")[test_labels[:n_test]]
 
 model = MixtureClassifier(name="moe")
-model.compile(optimizer=_client.optimizer(keras.optimizers.Adam(learning_rate=1e-3)),
-              loss=keras.losses.CategoricalCrossentropy())
-log = model.fit(x_fit, y_fit, batch_size=BATCH, epochs=1, validation_data=(x_test, y_test),
-                verbose=2)
+model.compile(
+    optimizer=_client.optimizer(keras.optimizers.Adam(learning_rate=1e-3)),
+    loss=keras.losses.CategoricalCrossentropy(),
+)
+log = model.fit(
+    x_fit, y_fit, batch_size=BATCH, epochs=1, validation_data=(x_test, y_test), verbose=2
+)
 scores = model.evaluate(x_test, y_test, batch_size=BATCH, verbose=0, return_dict=True)
 print("test:", scores, "expert usage:", model.mixture.usage.numpy().tolist())
 
-_client.report(log.history["loss"][-1], "test_accuracy", scores["acc"],
-               higher_is_better=True)
+_client.report(log.history["loss"][-1], "test_accuracy", scores["acc"], higher_is_better=True)

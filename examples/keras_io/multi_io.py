@@ -16,11 +16,10 @@ generalize to. Budget: 2,000 samples, 4 epochs, batches of 64 (``--quick``: 128 
 1 epoch). Reported: last training loss, which is also the metric (lower is better).
 """
 
+import _client
 import keras
 import numpy as np
 import tensorflow as tf
-
-import _client
 
 
 def two_headed_model():
@@ -51,11 +50,15 @@ stream = tf.data.Dataset.from_tensor_slices((inputs, targets)).shuffle(1024).bat
 model = two_headed_model()
 model.compile(
     optimizer=_client.optimizer(keras.optimizers.RMSprop(learning_rate=1e-3)),
-    loss={"score": keras.losses.MeanSquaredError(),
-          "category": keras.losses.CategoricalCrossentropy()},
+    loss={
+        "score": keras.losses.MeanSquaredError(),
+        "category": keras.losses.CategoricalCrossentropy(),
+    },
     loss_weights={"score": 2.0, "category": 1.0},
-    metrics={"score": [keras.metrics.MeanAbsoluteError()],
-             "category": [keras.metrics.CategoricalAccuracy()]},
+    metrics={
+        "score": [keras.metrics.MeanAbsoluteError()],
+        "category": [keras.metrics.CategoricalAccuracy()],
+    },
 )
 log = model.fit(stream, epochs=_client.budget(4, 1), verbose=2)
 final = log.history["loss"][-1]

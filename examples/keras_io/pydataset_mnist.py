@@ -15,10 +15,9 @@ training loss; metric: accuracy on that validation set.
 
 import math
 
+import _client
 import keras
 import numpy as np
-
-import _client
 
 
 class DigitBatches(keras.utils.PyDataset):
@@ -36,7 +35,7 @@ class DigitBatches(keras.utils.PyDataset):
         return math.ceil(len(self.order) / self.batch_size)
 
     def __getitem__(self, index):
-        rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
         return self.images[rows], self.labels[rows]
 
     def on_epoch_end(self):
@@ -56,8 +55,9 @@ def mlp_classifier():
 (train_images, train_labels), _ = _client.mnist_load_data()
 holdout = slice(50_000, 60_000)
 used = _client.budget(30_000, 512)
-train_batches = DigitBatches(train_images[:used], train_labels[:used], 32, shuffle=True,
-                             seed=_client.ARGS.seed)
+train_batches = DigitBatches(
+    train_images[:used], train_labels[:used], 32, shuffle=True, seed=_client.ARGS.seed
+)
 val_batches = DigitBatches(train_images[holdout], train_labels[holdout], 32, shuffle=False)
 
 model = mlp_classifier()
@@ -70,5 +70,9 @@ log = model.fit(train_batches, validation_data=val_batches, epochs=1, verbose=2)
 scores = model.evaluate(val_batches, verbose=0, return_dict=True)
 print("validation:", scores)
 
-_client.report(log.history["loss"][-1], "val_accuracy",
-               scores["sparse_categorical_accuracy"], higher_is_better=True)
+_client.report(
+    log.history["loss"][-1],
+    "val_accuracy",
+    scores["sparse_categorical_accuracy"],
+    higher_is_better=True,
+)

@@ -18,11 +18,10 @@ of 16 (``--quick``: 128 and 64 images). Reported: last training loss; metric: ac
 pairs from the 10,000 test images (``--quick``: 256).
 """
 
+import _client
 import keras
 import numpy as np
 from keras import ops
-
-import _client
 
 
 class ContrastiveLoss(keras.losses.Loss):
@@ -76,7 +75,8 @@ def siamese_network():
     left, right = keras.Input(shape=(28, 28, 1)), keras.Input(shape=(28, 28, 1))
     distance = keras.layers.Lambda(euclidean, name="distance")([embed(left), embed(right)])
     similar = keras.layers.Dense(1, activation="sigmoid")(
-        keras.layers.BatchNormalization()(distance))
+        keras.layers.BatchNormalization()(distance)
+    )
     return keras.Model([left, right], similar, name="siamese")
 
 
@@ -91,10 +91,10 @@ x_val, y_val = make_pairs(train_images[val_rows], train_digits[val_rows], rng)
 x_test, y_test = make_pairs(test_images[:n_test], test_digits[:n_test], rng)
 
 siamese = siamese_network()
-siamese.compile(optimizer=_client.optimizer("rmsprop"), loss=ContrastiveLoss(margin=1.0),
-                metrics=["accuracy"])
-log = siamese.fit(x_fit, y_fit, validation_data=(x_val, y_val), batch_size=16, epochs=1,
-                  verbose=2)
+siamese.compile(
+    optimizer=_client.optimizer("rmsprop"), loss=ContrastiveLoss(margin=1.0), metrics=["accuracy"]
+)
+log = siamese.fit(x_fit, y_fit, validation_data=(x_val, y_val), batch_size=16, epochs=1, verbose=2)
 scores = siamese.evaluate(x_test, y_test, verbose=0, return_dict=True)
 print("test:", scores)
 

@@ -18,11 +18,10 @@ and 2,000 validation reviews, 2 epochs, batches of 32 (``--quick``: 256 and 256,
 Reported: last training loss; metric: validation accuracy of the last epoch.
 """
 
+import _client
 import keras
 import numpy as np
 from keras import ops
-
-import _client
 
 VOCAB = 20_000
 MAX_WORDS = 200
@@ -93,10 +92,20 @@ x_fit, y_fit = generated_reviews(_client.budget(6_000, 256), rng)
 x_val, y_val = generated_reviews(_client.budget(2_000, 256), rng)
 
 model = review_classifier()
-model.compile(optimizer=_client.optimizer("adam"), loss="sparse_categorical_crossentropy",
-              metrics=["accuracy"])
-log = model.fit(x_fit, y_fit, batch_size=32, epochs=_client.budget(2, 1),
-                validation_data=(x_val, y_val), verbose=2)
+model.compile(
+    optimizer=_client.optimizer("adam"),
+    loss="sparse_categorical_crossentropy",
+    metrics=["accuracy"],
+)
+log = model.fit(
+    x_fit,
+    y_fit,
+    batch_size=32,
+    epochs=_client.budget(2, 1),
+    validation_data=(x_val, y_val),
+    verbose=2,
+)
 
-_client.report(log.history["loss"][-1], "val_accuracy", log.history["val_accuracy"][-1],
-               higher_is_better=True)
+_client.report(
+    log.history["loss"][-1], "val_accuracy", log.history["val_accuracy"][-1], higher_is_better=True
+)

@@ -12,10 +12,9 @@ left out, as a validation reserve would be; ``--quick``: 1 epoch, 512 digits), b
 64. Reported: last training loss; metric: accuracy on the 10,000 test digits.
 """
 
+import _client
 import keras
 import tensorflow as tf
-
-import _client
 
 
 def mlp_classifier():
@@ -50,5 +49,9 @@ log = model.fit(train_ds, epochs=_client.budget(2, 1), verbose=2)
 scores = model.evaluate(test_ds, verbose=0, return_dict=True)
 print("test:", scores)
 
-_client.report(log.history["loss"][-1], "test_accuracy",
-               scores["sparse_categorical_accuracy"], higher_is_better=True)
+_client.report(
+    log.history["loss"][-1],
+    "test_accuracy",
+    scores["sparse_categorical_accuracy"],
+    higher_is_better=True,
+)

@@ -15,12 +15,11 @@ Budget: one epoch over the first 20,000 of the 70,000 MNIST digits (train then t
 reconstruction term (summed binary cross-entropy per image, lower is better).
 """
 
+import _client
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
-
-import _client
 
 CODE_SIZE = 2
 
@@ -55,8 +54,7 @@ def make_decoder():
     h = keras.layers.Dense(7 * 7 * 64, activation="relu")(code)
     h = keras.layers.Reshape((7, 7, 64))(h)
     for width in (64, 32):
-        h = keras.layers.Conv2DTranspose(width, 3, strides=2, padding="same",
-                                         activation="relu")(h)
+        h = keras.layers.Conv2DTranspose(width, 3, strides=2, padding="same", activation="relu")(h)
     image = keras.layers.Conv2DTranspose(1, 3, padding="same", activation="sigmoid")(h)
     return keras.Model(code, image, name="decoder")
 
@@ -101,5 +99,9 @@ vae = VariationalAutoencoder(make_encoder(), make_decoder(), name="vae")
 vae.compile(optimizer=_client.optimizer(keras.optimizers.Adam()))
 log = vae.fit(digits, epochs=1, batch_size=128, verbose=2)
 
-_client.report(log.history["loss"][-1], "reconstruction_loss",
-               log.history["reconstruction"][-1], higher_is_better=False)
+_client.report(
+    log.history["loss"][-1],
+    "reconstruction_loss",
+    log.history["reconstruction"][-1],
+    higher_is_better=False,
+)

@@ -39,9 +39,7 @@ def available():
 def get(name):
     """The curvature class called ``name``, or a ValueError listing the choices."""
     if name not in _METHODS:
-        raise ValueError(
-            f"Unknown curvature={name!r}. Available: {', '.join(available())}."
-        )
+        raise ValueError(f"Unknown curvature={name!r}. Available: {', '.join(available())}.")
     return _METHODS[name]
 
 
@@ -52,7 +50,9 @@ def create(name, block, damping_mode="factored", **options):
     the optimizer)."""
     cls = get(name)
     accepted = cls.option_names()
-    return cls(block, damping_mode=damping_mode, **{k: v for k, v in options.items() if k in accepted})
+    return cls(
+        block, damping_mode=damping_mode, **{k: v for k, v in options.items() if k in accepted}
+    )
 
 
 for _cls in (KFAC, EKFAC, KPSVD, Deflation, KFACCorrected, Lanczos, TENGraD, CGFAC, Diagonal, Auto):

@@ -15,7 +15,7 @@ update so running averages start at the first batch's value.
 
 import abc
 import inspect
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Optional
 
 import tensorflow as tf
 
@@ -159,9 +159,7 @@ class Curvature(abc.ABC):
         # ``stats_every``/``inverse_every`` are the optimizer's cadence, given
         # to every class (cost models use them).
         if damping_mode not in ("factored", "eigen"):
-            raise ValueError(
-                f"Unknown damping_mode={damping_mode!r}: use 'factored' or 'eigen'."
-            )
+            raise ValueError(f"Unknown damping_mode={damping_mode!r}: use 'factored' or 'eigen'.")
         if (block.a_is_diagonal or block.g_is_diagonal) and not self.supports_diagonal_factors:
             raise ValueError(
                 f"curvature={self.name!r} cannot use layer {block.name!r}: its block keeps a "
@@ -210,7 +208,9 @@ class Curvature(abc.ABC):
         (None when there is nothing that can fail)."""
 
     @abc.abstractmethod
-    def precondition(self, v: tf.Tensor, damping: tf.Tensor, batch: Optional[LayerBatch] = None) -> tf.Tensor:
+    def precondition(
+        self, v: tf.Tensor, damping: tf.Tensor, batch: Optional[LayerBatch] = None
+    ) -> tf.Tensor:
         """The damped inverse curvature applied to ``V`` (``(a_dim, g_dim)``)."""
 
     @abc.abstractmethod
@@ -218,7 +218,7 @@ class Curvature(abc.ABC):
         """The dense undamped block ``(P, P)``, parameters in ``vec_row(V)``
         order (raises :class:`NoDenseMatrixError` when none is stored)."""
 
-    def factors(self) -> Dict[str, tf.Tensor]:
+    def factors(self) -> dict[str, tf.Tensor]:
         """Named Kronecker factors, for diagnostics (empty when none)."""
         return {}
 
@@ -227,7 +227,7 @@ class Curvature(abc.ABC):
         failed refresh by the methods that can fail)."""
         return tf.constant(1.0)
 
-    def refresh_state(self) -> List[tf.Variable]:
+    def refresh_state(self) -> list[tf.Variable]:
         """The variables ``refresh`` writes. Under a tf.distribute strategy
         one replica refreshes a block and these are shared with the others
         (:func:`keras_kfac.distributed.refresh`). Default: every variable the

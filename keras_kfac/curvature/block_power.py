@@ -31,8 +31,15 @@ class BlockPower:
     #: Pairs wanted from each :meth:`top_triples` call.
     rank = 2
 
-    def __init__(self, block, damping_mode="factored", power_iters=100, power_tol=1e-4,
-                 power_oversample=2, **options):
+    def __init__(
+        self,
+        block,
+        damping_mode="factored",
+        power_iters=100,
+        power_tol=1e-4,
+        power_oversample=2,
+        **options,
+    ):
         super().__init__(block, damping_mode, **options)
         if not (isinstance(power_iters, numbers.Integral) and power_iters >= 1):
             raise ValueError(

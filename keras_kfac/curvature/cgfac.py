@@ -32,7 +32,9 @@ class CGFAC(CurrentBatchCurvature):
         self.tol = float(cg_tol)
 
     def build(self, add_variable):
-        self.solution = add_variable("cg_solution", group_shape(self.block) + (self.block.a_dim, self.block.g_dim))
+        self.solution = add_variable(
+            "cg_solution", group_shape(self.block) + (self.block.a_dim, self.block.g_dim)
+        )
 
     def precondition(self, v, damping, batch=None):
         a, g = batch.a(), batch.g()

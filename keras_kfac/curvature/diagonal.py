@@ -15,7 +15,9 @@ class Diagonal(Curvature):
     supports_groups = True
 
     def build(self, add_variable):
-        self.s = add_variable("diagonal", group_shape(self.block) + (self.block.a_dim, self.block.g_dim))
+        self.s = add_variable(
+            "diagonal", group_shape(self.block) + (self.block.a_dim, self.block.g_dim)
+        )
 
     def update_statistics(self, batch, decay):
         return F.running_average(self.s, F.gradient_second_moment(batch.a(), batch.g()), decay)

@@ -305,9 +305,7 @@ def conjugate_gradient(matvec, b, x0, tol, max_iters):
         p = r + tf.math.divide_no_nan(rr_new, rr) * p
         return i + 1, x, r, p, rr_new
 
-    i, x, _, _, _ = tf.while_loop(
-        cond, body, (tf.constant(0), x0, r, r, tf.reduce_sum(r * r))
-    )
+    i, x, _, _, _ = tf.while_loop(cond, body, (tf.constant(0), x0, r, r, tf.reduce_sum(r * r)))
     return x, i
 
 
@@ -491,8 +489,14 @@ def top_singular_triples(op, starts, rank, tol, max_iters):
         return i + 1, x_next, s, y, x_ritz, converged(s, residual), tf.minimum(worst, best), stall
 
     state = (
-        tf.constant(0), x0, tf.zeros((b,)), tf.zeros((b, op.a_dim, op.a_dim)), x0,
-        tf.constant(False), tf.constant(float("inf")), tf.constant(0),
+        tf.constant(0),
+        x0,
+        tf.zeros((b,)),
+        tf.zeros((b, op.a_dim, op.a_dim)),
+        x0,
+        tf.constant(False),
+        tf.constant(float("inf")),
+        tf.constant(0),
     )
     i, _, s, y, x, _, _, _ = tf.while_loop(cond, body, state)
     return s[:rank], y[:rank], x[:rank], i

@@ -75,9 +75,13 @@ class KFAC(KroneckerFactors):
             self.g_inverse = self._add_factor(add_variable, "G_inverse", dg, block.g_is_diagonal)
         else:
             # A diagonal factor is its own eigenvalues (identity eigenbasis).
-            self.a_evecs = None if block.a_is_diagonal else add_variable("A_eigenvectors", gs + (da, da))
+            self.a_evecs = (
+                None if block.a_is_diagonal else add_variable("A_eigenvectors", gs + (da, da))
+            )
             self.a_evals = add_variable("A_eigenvalues", gs + (da,))
-            self.g_evecs = None if block.g_is_diagonal else add_variable("G_eigenvectors", gs + (dg, dg))
+            self.g_evecs = (
+                None if block.g_is_diagonal else add_variable("G_eigenvectors", gs + (dg, dg))
+            )
             self.g_evals = add_variable("G_eigenvalues", gs + (dg,))
         self.multiplier = add_variable("damping_multiplier", (), initializer="ones")
 
@@ -129,7 +133,9 @@ class KFAC(KroneckerFactors):
                 return self.a_inverse @ v @ self.g_inverse
             return F.kronecker_solve(v, self.a_inverse, self.g_inverse)
         if self.block.groups > 1:
-            scale = self.a_evals[..., :, None] * self.g_evals[..., None, :] + damping * self.multiplier
+            scale = (
+                self.a_evals[..., :, None] * self.g_evals[..., None, :] + damping * self.multiplier
+            )
             return F.eigenbasis_solve(v, self.a_evecs, self.g_evecs, scale)
         return F.kronecker_solve(
             v,

@@ -18,8 +18,15 @@ from keras_kfac.curvature.kronecker_sum import TwoKroneckerTerms
 class Lanczos(TwoKroneckerTerms):
     name = "lanczos"
 
-    def __init__(self, block, damping_mode="factored", lanczos_steps=8, lanczos_restarts=5,
-                 lanczos_tol=1e-3, **options):
+    def __init__(
+        self,
+        block,
+        damping_mode="factored",
+        lanczos_steps=8,
+        lanczos_restarts=5,
+        lanczos_tol=1e-3,
+        **options,
+    ):
         super().__init__(block, damping_mode, **options)
         space = min(F.symmetric_dim(block.a_dim), F.symmetric_dim(block.g_dim))
         self.steps = max(2, min(int(lanczos_steps), space))

@@ -16,6 +16,7 @@ and gives per-example parameter gradients from ``(a, g)``
 of ``a g^T`` unless the block overrides it).
 """
 
+from keras_kfac.layers import normalization
 from keras_kfac.layers.base import (
     LayerBlock,
     block_class_for_layer,
@@ -24,7 +25,6 @@ from keras_kfac.layers.base import (
     register_block,
     unsupported_reason,
 )
-from keras_kfac.layers import normalization
 from keras_kfac.layers.conv import ConvBlock, DepthwiseConvBlock
 from keras_kfac.layers.conv_transpose import ConvTransposeBlock
 from keras_kfac.layers.dense import DenseBlock

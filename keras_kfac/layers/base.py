@@ -13,8 +13,6 @@ WEIGHT_SHARING_MODES = ("expand", "reduce", "auto")
 BLOCK_OPTIONS = ("weight_sharing", "max_factor_dim")
 
 
-
-
 class LayerBlock:
     """One supported layer seen as a Kronecker-factored Fisher block.
 
@@ -235,7 +233,11 @@ def block_for_layer(layer, **options):
 
 
 def blocks_for_layer(
-    layer, model=None, weight_sharing="auto", max_factor_dim=DEFAULT_MAX_FACTOR_DIM, **_curvature_options
+    layer,
+    model=None,
+    weight_sharing="auto",
+    max_factor_dim=DEFAULT_MAX_FACTOR_DIM,
+    **_curvature_options,
 ):
     """Every block of ``layer`` (empty if its variables take the fallback).
 

@@ -85,7 +85,9 @@ def extract_patches(x, kernel_size, strides, dilation, padding="valid"):
     rank = len(kernel_size)
     x = pad_or_crop(x, explicit_padding(x, kernel_size, strides, dilation, padding))
     if rank == 1:
-        p = extract_patches(x[:, None], (1,) + tuple(kernel_size), (1,) + tuple(strides), (1,) + tuple(dilation))
+        p = extract_patches(
+            x[:, None], (1,) + tuple(kernel_size), (1,) + tuple(strides), (1,) + tuple(dilation)
+        )
         return p[:, 0]
     if rank == 2:
         return tf.image.extract_patches(
@@ -101,7 +103,9 @@ def extract_patches(x, kernel_size, strides, dilation, padding="valid"):
     # has no dilation.
     n, depth = _size(x, 0), _size(x, 1)
     rest = [_size(x, i) for i in (2, 3, 4)]
-    planes = extract_patches(tf.reshape(x, [n * depth] + rest), kernel_size[1:], strides[1:], dilation[1:])
+    planes = extract_patches(
+        tf.reshape(x, [n * depth] + rest), kernel_size[1:], strides[1:], dilation[1:]
+    )
     planes = tf.reshape(planes, [n, depth] + [_size(planes, i) for i in (1, 2, 3)])
     kd, sd, dd = kernel_size[0], strides[0], dilation[0]
     out = (depth - (kd - 1) * dd - 1) // sd + 1
@@ -198,7 +202,9 @@ class ConvolutionBlock(LayerBlock):
     def _locations(self, inputs):
         x = channels_last(inputs, self.channels_first)
         layer = self.layer
-        patches = extract_patches(x, layer.kernel_size, layer.strides, layer.dilation_rate, layer.padding)
+        patches = extract_patches(
+            x, layer.kernel_size, layer.strides, layer.dilation_rate, layer.padding
+        )
         return self._grouped_patches(flatten_locations(patches))
 
 
@@ -243,4 +249,3 @@ class DepthwiseConvBlock(ConvolutionBlock):
         super().__init__(layer)
         channels, multiplier = self.kernel_shape[-2:]
         self._set_groups(channels, 1, channels * multiplier)
-

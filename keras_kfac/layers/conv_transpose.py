@@ -80,7 +80,9 @@ class ConvTransposeBlock(ConvolutionBlock):
         super().__init__(layer)
         self.groups = 1
         self.g_dim = self.kernel_shape[-2]
-        self.a_dim = math.prod(self.kernel_shape[: self.rank]) * self.kernel_shape[-1] + int(self.has_bias)
+        self.a_dim = math.prod(self.kernel_shape[: self.rank]) * self.kernel_shape[-1] + int(
+            self.has_bias
+        )
 
     def _locations(self, inputs):
         layer = self.layer

@@ -75,7 +75,9 @@ class EinsumDenseBlock(LayerBlock):
             raise ValueError(f"equation {layer.equation!r}: '...' in the output only")
         batch = inp[0]
         if batch in kernel or batch not in out:
-            raise ValueError(f"equation {layer.equation!r}: the batch axis must be kept and not in the kernel")
+            raise ValueError(
+                f"equation {layer.equation!r}: the batch axis must be kept and not in the kernel"
+            )
         a_axes = [c for c in kernel if c in inp and c not in out]
         g_axes = [c for c in kernel if c in out and c not in inp]
         locations = [c for c in out if c in inp and c not in kernel and c != batch]
@@ -89,9 +91,13 @@ class EinsumDenseBlock(LayerBlock):
             c for c in kernel if c not in inp and c not in out
         ]
         if summed:
-            raise ValueError(f"equation {layer.equation!r}: axes {''.join(summed)!r} are summed without a weight")
+            raise ValueError(
+                f"equation {layer.equation!r}: axes {''.join(summed)!r} are summed without a weight"
+            )
         if not a_axes or not g_axes:
-            raise ValueError(f"equation {layer.equation!r}: needs contracted and output kernel axes")
+            raise ValueError(
+                f"equation {layer.equation!r}: needs contracted and output kernel axes"
+            )
         if layer.bias_axes is not None and set(layer.bias_axes) != set(g_axes):
             raise ValueError(
                 f"bias_axes={layer.bias_axes!r} does not span exactly the kernel's output axes "

@@ -80,9 +80,12 @@ class EmbeddingBlock(LayerBlock):
             weights = same / (t * t)
         else:
             weights = tf.ones_like(ids, tf.float32)
-        return tf.math.unsorted_segment_sum(
-            tf.reshape(weights, (-1,)), tf.reshape(ids, (-1,)), self.a_dim
-        ) / n
+        return (
+            tf.math.unsorted_segment_sum(
+                tf.reshape(weights, (-1,)), tf.reshape(ids, (-1,)), self.a_dim
+            )
+            / n
+        )
 
     def to_matrix(self, grads):
         grad = grads[0]

@@ -151,7 +151,10 @@ class ScaleAndShiftBlock(LayerBlock):
         # Half-precision outputs: combine in float32, as the layers do.
         dtype = tf.float32 if xhat.dtype in (tf.float16, tf.bfloat16) else xhat.dtype
         y = tf.cast(xhat, dtype)
-        values = {a: tf.reshape(tf.cast(keras.ops.convert_to_tensor(v), dtype), shape) for a, v, _ in parameters}
+        values = {
+            a: tf.reshape(tf.cast(keras.ops.convert_to_tensor(v), dtype), shape)
+            for a, v, _ in parameters
+        }
         if cls.scale_attribute in values:
             y = y * values[cls.scale_attribute]
         if cls.shift_attribute in values:

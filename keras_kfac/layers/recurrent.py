@@ -186,7 +186,9 @@ class RNNKernelBlock(LayerBlock):
         return blocks
 
     def __init__(self, layer):
-        self._init(layer, layer.cell.kernel, layer.cell.bias if not _is_gru(layer) else None, "kernel")
+        self._init(
+            layer, layer.cell.kernel, layer.cell.bias if not _is_gru(layer) else None, "kernel"
+        )
 
     def _init(self, layer, kernel, bias, suffix):
         # Not LayerBlock.__init__: the weights live on the cell, and one
