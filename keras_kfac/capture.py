@@ -307,6 +307,13 @@ class _MaskedBatch(LayerBatch):
         g = parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
         return g * tf.cast(self._grad_scale, tf.float32)
 
+    def location_mask(self):
+        parts = [
+            tf.ones(tf.shape(self.block.activations(x))[:2]) if m is None else m
+            for x, m in zip(self._inputs, self._masks)
+        ]
+        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
+
     @staticmethod
     def _masked(x, mask):
         return x if mask is None else x * mask[..., None]

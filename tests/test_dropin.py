@@ -11,6 +11,7 @@ import tensorflow as tf
 
 import keras_kfac
 from keras_kfac.losses import SampledLoss
+from reference import layer_ag
 
 MODES = [{}, {"run_eagerly": True}, {"jit_compile": True}]
 MODE_IDS = ["graph", "eager", "xla"]
@@ -409,4 +410,11 @@ def test_masked_positions_are_left_out_of_the_statistics():
     expected_a = np.einsum("nti,ntj->ij", a, a) / len(tokens)  # unmasked positions only
     np.testing.assert_allclose(
         opt.curvature_for("per_position").a.numpy(), expected_a, rtol=1e-5, atol=1e-6
+    )
+    # G averages over the unmasked positions only (lr 0: the weights did not move).
+    _, g = layer_ag(model, model.get_layer("per_position"), tokens, y, loss)
+    assert np.abs(g[~valid]).max() == 0.0  # the pooled loss ignores padding
+    expected_g = np.einsum("nti,ntj->ij", g, g) / valid.sum()
+    np.testing.assert_allclose(
+        opt.curvature_for("per_position").g.numpy(), expected_g, rtol=1e-4, atol=1e-9
     )

@@ -64,6 +64,19 @@ class LayerBatch:
     #           G = (1/n) sum_i g_i g_i^T with g_i = sum_t g_{i,t}
     #           (exact for a deep linear network pooled over the locations
     #           before the loss: then g_{i,t} = g_i / T and U_i = a_i g_i^T).
+    def location_mask(self):
+        """``(n, T)`` float weights of the locations that count (masked
+        sequence positions are 0), or None when every location counts."""
+        return None
+
+    def _location_count(self, x):
+        """``n T`` for the expand factors' average over locations: the
+        number of unmasked locations when some are masked."""
+        mask = self.location_mask()
+        if mask is None:
+            return batch_size(x) * locations(x)
+        return tf.maximum(tf.reduce_sum(mask), 1.0)
+
     def factor_a(self):
         """The input factor under the block's ``weight_sharing``; its
         diagonal ``(a_dim,)`` when ``block.a_is_diagonal``."""
@@ -71,18 +84,27 @@ class LayerBatch:
             return self.block.diagonal_factor_a(self)
         a = self.a()
         if self.block.weight_sharing == "reduce":
-            a = tf.reduce_mean(a, axis=1, keepdims=True)
+            mask = self.location_mask()
+            if mask is None:
+                a = tf.reduce_mean(a, axis=1, keepdims=True)
+            else:  # the mean over each example's unmasked locations
+                count = tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
+                a = tf.reduce_sum(a, axis=1, keepdims=True) / count[:, None, None]
         return factor_a(a)
 
     def factor_g(self):
         """The output factor under the block's ``weight_sharing``; its
-        diagonal ``(g_dim,)`` when ``block.g_is_diagonal``."""
+        diagonal ``(g_dim,)`` when ``block.g_is_diagonal``. Expand averages
+        over the unmasked locations."""
         g = self.g()
         if self.block.weight_sharing == "reduce":
             g = tf.reduce_sum(g, axis=1, keepdims=True)
+            count = batch_size(g)
+        else:
+            count = self._location_count(g)
         if self.block.g_is_diagonal:
-            return tf.einsum("nti,nti->i", g, g) / (batch_size(g) * locations(g))
-        return factor_g(g)
+            return tf.einsum("nti,nti->i", g, g) / count
+        return tf.einsum("nt...i,nt...j->...ij", g, g) / count
 
     def statistics_tensors(self):
         """What must be finite for this batch's statistics to be used: ``g``,
