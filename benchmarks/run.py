@@ -345,46 +345,31 @@ def suite_autoencoder(args):
     name = (
         f"autoencoder_{activation}_batch{args.batch}" + args.tag + ("_quick" if args.quick else "")
     )
-    best, target, table = report_time_to_target(results, "train_loss", "adam")
-    adam_ms = adam_step_ms(results)
-    command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
-    md = markdown(
-        f"MNIST autoencoder ({activation}, batch {args.batch}, {args.budget:g} s each)",
-        command,
-        best,
-        target,
-        "train_loss (summed BCE/image)",
-        table,
-        adam_ms,
-    )
-    write_results(
+    report(
+        args,
         name,
-        {
-            "suite": "autoencoder",
-            "activation": activation,
-            "batch": args.batch,
-            "budget": args.budget,
-            "target": target,
-            "table": table,
-        },
+        f"MNIST autoencoder ({activation})",
         results,
-        y_label="train loss (summed BCE per image)",
+        "train_loss",
+        "adam",
+        "train loss (summed BCE per image)",
+        higher_is_better=False,
         log_y=True,
+        key_label="train_loss (summed BCE/image)",
     )
-    with open(os.path.join(RESULTS, name + ".md"), "w") as f:
-        f.write(md)
-    print(md)
 
 
-def suite_convnet(args):
+def fashion_mnist_task(args, model_fn, train_size=None):
+    """Fashion-MNIST classification: ``(build, data, evaluate)`` for
+    :func:`run_suite` (train loss on a 10k probe, test accuracy)."""
     x, y = datasets.load_numpy("fashion_mnist", "train", data_dir=args.data_dir)
     xt, yt = datasets.load_numpy("fashion_mnist", "test", data_dir=args.data_dir)
     if args.quick:
-        x, y, xt, yt = x[:4000], y[:4000], xt[:1000], yt[:1000]
+        x, y, xt, yt = x[:train_size], y[:train_size], xt[: train_size // 4], yt[: train_size // 4]
     probe = (x[:10000], y[:10000])
 
     def build():
-        return convnet()
+        return model_fn()
 
     build.compile_kwargs = {
         "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -396,53 +381,16 @@ def suite_convnet(args):
         _, test_acc = model.evaluate(xt, yt, batch_size=1000, verbose=0)
         return {"train_loss": train_loss, "test_accuracy": test_acc}
 
-    methods = [m for m in args.methods if m in ("kfac", "ekfac", "tengrad")]
-    runs = dict(kfac_runs(methods, args.kfac))
-    runs.update(first_order_runs([3e-4, 1e-3, 3e-3], [0.01, 0.03, 0.1]))
-    runs = select(runs, args.optimizers)
-    results = run_suite("convnet", runs, build, (x, y), args, evaluate, "test_accuracy")
-    name = f"convnet_batch{args.batch}" + args.tag + ("_quick" if args.quick else "")
-    best, target, table = report_time_to_target(
-        results, "test_accuracy", "adam", higher_is_better=True
-    )
-    adam_ms = adam_step_ms(results)
-    command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
-    md = markdown(
-        f"Fashion-MNIST convnet (batch {args.batch}, {args.budget:g} s each)",
-        command,
-        best,
-        target,
-        "test_accuracy",
-        table,
-        adam_ms,
-    )
-    write_results(
-        name,
-        {
-            "suite": "convnet",
-            "batch": args.batch,
-            "budget": args.budget,
-            "target": target,
-            "table": table,
-        },
-        results,
-        y_key="test_accuracy",
-        y_label="test accuracy",
-    )
-    with open(os.path.join(RESULTS, name + ".md"), "w") as f:
-        f.write(md)
-    print(md)
+    return build, (x, y), evaluate
 
 
-def suite_sequence(args, name, title, build, data, evaluate, key, y_label, higher_is_better):
-    """A Transformer suite: KFAC() against Adam, AdamW and Muon."""
-    runs = dict(kfac_runs([m for m in args.methods if m in ("kfac", "ekfac")], args.kfac))
-    runs.update(transformer_baselines([3e-4, 1e-3, 3e-3]))
-    runs = select(runs, args.optimizers)
-    results = run_suite(name, runs, build, data, args, evaluate, key)
-    name = name + args.tag + ("_quick" if args.quick else "")
+def report(
+    args, name, title, results, key, target_labels, y_label, higher_is_better, log_y, key_label=None
+):
+    """Time-to-target table against the best of ``target_labels``' runs:
+    Markdown, JSON, CSV and plots under ``benchmarks/results/``."""
     best, target, table = report_time_to_target(
-        results, key, ("adam", "muon"), higher_is_better=higher_is_better
+        results, key, target_labels, higher_is_better=higher_is_better
     )
     command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
     md = markdown(
@@ -450,59 +398,76 @@ def suite_sequence(args, name, title, build, data, evaluate, key, y_label, highe
         command,
         best,
         target,
-        key,
+        key_label or key,
         table,
         adam_step_ms(results),
     )
+    summary = {"suite": args.suite, "batch": args.batch, "budget": args.budget}
     write_results(
         name,
-        {
-            "suite": name,
-            "batch": args.batch,
-            "budget": args.budget,
-            "target": target,
-            "table": table,
-        },
+        dict(summary, target=target, table=table),
         results,
         y_key=key,
         y_label=y_label,
-        log_y=not higher_is_better,
+        log_y=log_y,
     )
     with open(os.path.join(RESULTS, name + ".md"), "w") as f:
         f.write(md)
     print(md)
 
 
+def suite_convnet(args):
+    build, data, evaluate = fashion_mnist_task(args, convnet, train_size=4000)
+    methods = [m for m in args.methods if m in ("kfac", "ekfac", "tengrad")]
+    runs = dict(kfac_runs(methods, args.kfac))
+    runs.update(first_order_runs([3e-4, 1e-3, 3e-3], [0.01, 0.03, 0.1]))
+    runs = select(runs, args.optimizers)
+    results = run_suite("convnet", runs, build, data, args, evaluate, "test_accuracy")
+    name = f"convnet_batch{args.batch}" + args.tag + ("_quick" if args.quick else "")
+    report(
+        args,
+        name,
+        "Fashion-MNIST convnet",
+        results,
+        "test_accuracy",
+        "adam",
+        "test accuracy",
+        higher_is_better=True,
+        log_y=False,
+    )
+
+
+def suite_sequence(args, name, title, build, data, evaluate, y_label):
+    """A Transformer suite: KFAC() against Adam, AdamW and Muon, on the
+    training loss."""
+    runs = dict(kfac_runs([m for m in args.methods if m in ("kfac", "ekfac")], args.kfac))
+    runs.update(transformer_baselines([3e-4, 1e-3, 3e-3]))
+    runs = select(runs, args.optimizers)
+    results = run_suite(name, runs, build, data, args, evaluate, "train_loss")
+    name = name + args.tag + ("_quick" if args.quick else "")
+    report(
+        args,
+        name,
+        title,
+        results,
+        "train_loss",
+        ("adam", "muon"),
+        y_label,
+        higher_is_better=False,
+        log_y=True,
+    )
+
+
 def suite_vit(args):
-    x, y = datasets.load_numpy("fashion_mnist", "train", data_dir=args.data_dir)
-    xt, yt = datasets.load_numpy("fashion_mnist", "test", data_dir=args.data_dir)
-    if args.quick:
-        x, y, xt, yt = x[:2000], y[:2000], xt[:500], yt[:500]
-    probe = (x[:10000], y[:10000])
-
-    def build():
-        return vit()
-
-    build.compile_kwargs = {
-        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        "metrics": ["accuracy"],
-    }
-
-    def evaluate(model):
-        train_loss, _ = model.evaluate(*probe, batch_size=1000, verbose=0)
-        _, test_acc = model.evaluate(xt, yt, batch_size=1000, verbose=0)
-        return {"train_loss": train_loss, "test_accuracy": test_acc}
-
+    build, data, evaluate = fashion_mnist_task(args, vit, train_size=2000)
     suite_sequence(
         args,
         f"vit_batch{args.batch}",
         "Fashion-MNIST ViT",
         build,
-        (x, y),
+        data,
         evaluate,
-        "train_loss",
         "train loss (cross-entropy)",
-        False,
     )
 
 
@@ -531,9 +496,7 @@ def suite_charlm(args):
         build,
         (x, y),
         evaluate,
-        "train_loss",
         "train loss (nats/char)",
-        False,
     )
 
 
