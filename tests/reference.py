@@ -9,6 +9,7 @@ curvature code under test.
 import numpy as np
 import tensorflow as tf
 
+import keras_kfac
 from keras_kfac.exact import fisher_block, ggn_block, per_example_gradients  # noqa: F401
 from keras_kfac.fidelity import layer_batch
 
@@ -123,3 +124,19 @@ def rel(x, y):
 
 def tf_float(x):
     return tf.constant(np.asarray(x, np.float32))
+
+
+def plain_kfac(learning_rate, damping, **overrides):
+    """A KFAC whose step is exactly ``-lr * P(grad)`` with this batch's
+    statistics (the brute-force references' setting): no momentum, no KL
+    clip, statistics and inverses every step, the empirical Fisher."""
+    options = dict(
+        momentum=0.0,
+        kl_clip=None,
+        stats_decay=0.0,
+        stats_every=1,
+        inverse_every=1,
+        fisher="empirical",
+    )
+    options.update(overrides)
+    return keras_kfac.KFAC(learning_rate=learning_rate, damping=damping, **options)

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import keras_kfac
-from reference import damped_reference, flat_params, reference_patches
+from reference import damped_reference, flat_params, plain_kfac, reference_patches
 
 MODES = ["graph", "eager", "xla"]
 
@@ -21,16 +21,7 @@ def compile_kw(mode):
 
 
 def one_step_optimizer(damping_mode="factored", lr=0.1, damping=0.05):
-    return keras_kfac.KFAC(
-        learning_rate=lr,
-        damping=damping,
-        momentum=0.0,
-        kl_clip=None,
-        stats_decay=0.5,
-        inverse_every=1,
-        fisher="empirical",
-        damping_mode=damping_mode,
-    )
+    return plain_kfac(lr, damping, stats_decay=0.5, damping_mode=damping_mode)
 
 
 def per_example_losses(model, x, y):

@@ -19,6 +19,7 @@ from reference import (
     kfac_factors,
     layer_ag,
     per_example_gradients,
+    plain_kfac,
     rel,
     symmetric_top_pairs,
 )
@@ -47,18 +48,8 @@ def setup(method, kind, mode="graph", n=12, damping_mode="factored", **options):
     ref = brute_force(model, layer, x, y)
     opts = precise_options(method)
     opts.update(options)
-    opt = keras_kfac.KFAC(
-        learning_rate=LR,
-        damping=DAMPING,
-        momentum=0.0,
-        kl_clip=None,
-        stats_decay=0.0,
-        stats_every=1,
-        inverse_every=1,
-        fisher="empirical",
-        curvature=method,
-        damping_mode=damping_mode,
-        curvature_options=opts,
+    opt = plain_kfac(
+        LR, DAMPING, curvature=method, damping_mode=damping_mode, curvature_options=opts
     )
     model.compile(optimizer=opt, loss=LOSS, run_eagerly=mode == "eager", jit_compile=mode == "xla")
     return model, layer, x, y, opt, ref

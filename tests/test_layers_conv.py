@@ -28,6 +28,7 @@ from reference import (
     layer_ag,
     layer_batch,
     per_example_gradients,
+    plain_kfac,
     rel,
 )
 
@@ -179,16 +180,7 @@ def test_one_step_update(case, mode, damping_mode):
     want = flatten(
         block.from_matrix(tf.constant(expected_step(want_a, want_g, v, damping_mode), tf.float32))
     )
-    opt = keras_kfac.KFAC(
-        learning_rate=LR,
-        damping=DAMPING,
-        momentum=0.0,
-        kl_clip=None,
-        stats_every=1,
-        inverse_every=1,
-        fisher="empirical",
-        damping_mode=damping_mode,
-    )
+    opt = plain_kfac(LR, DAMPING, damping_mode=damping_mode)
     model.compile(optimizer=opt, loss=LOSS, run_eagerly=mode == "eager", jit_compile=mode == "xla")
     before = flatten(block.variables)
     model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)

@@ -21,7 +21,7 @@ from keras_kfac.curvature.base import LayerBatch
 from keras_kfac.exact import per_example_loss_fn
 from keras_kfac.fidelity import fidelity, fitted_curvature
 from keras_kfac.layers import block_for_layer, unsupported_reason
-from reference import fisher_block, layer_batch, per_example_gradients, rel
+from reference import fisher_block, layer_batch, per_example_gradients, plain_kfac, rel
 
 pytestmark = pytest.mark.filterwarnings("ignore:You passed `rms_scaling=True`")
 
@@ -195,15 +195,8 @@ def test_one_step_is_the_per_feature_damped_solve(name, mode):
     want, grad = reference_step(model, layer, x, y)
     _, total = training_batch(model, layer, x, y)
     assert rel(grad, total / len(x)) < 1e-5  # the reference's gradient is the layer's
-    opt = keras_kfac.KFAC(
-        learning_rate=LR,
-        damping=DAMPING,
-        momentum=0.0,
-        kl_clip=None,
-        stats_decay=0.0,
-        fisher="empirical",
-        curvature="ekfac",  # the user's choice does not reach norm layers
-    )
+    # curvature="ekfac": the user's choice does not reach norm layers.
+    opt = plain_kfac(LR, DAMPING, curvature="ekfac")
     model.compile(optimizer=opt, loss=LOSS, run_eagerly=mode == "eager", jit_compile=mode == "xla")
     before = flat(layer)
     model.train_on_batch(x, y)

@@ -16,7 +16,7 @@ from keras_kfac.capture import Capture
 from keras_kfac.curvature.base import LayerBatch
 from keras_kfac.exact import per_example_gradients
 from keras_kfac.layers import blocks_for_layer, unsupported_reason
-from reference import dense_solve, factored_damped, kfac_factors
+from reference import dense_solve, factored_damped, kfac_factors, plain_kfac
 
 KINDS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "simple_rnn": keras.layers.SimpleRNN}
 # XLA compiles the recurrent loop: ~30 s per model on 2 cores.
@@ -216,15 +216,7 @@ def test_step_quantities_match_unrolled_reference_in_a_function(kind):
 def test_factors_and_one_step_update_through_fit(kind, mode):
     model, layer, x, y = problem(kind)
     lr, damping = 0.1, 0.05
-    opt = keras_kfac.KFAC(
-        learning_rate=lr,
-        damping=damping,
-        momentum=0.0,
-        kl_clip=None,
-        stats_decay=0.5,
-        inverse_every=1,
-        fisher="empirical",
-    )
+    opt = plain_kfac(lr, damping, stats_decay=0.5)
     model.compile(
         optimizer=opt,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

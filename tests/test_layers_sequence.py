@@ -12,7 +12,7 @@ from keras_kfac.capture import candidate_layers
 from keras_kfac.curvature.ekfac import EKFAC
 from keras_kfac.curvature.kfac import KFAC as KFACCurvature
 from keras_kfac.layers import block_for_layer, unsupported_reason
-from reference import factored_damped, layer_ag, layer_batch, per_example_gradients, rel
+from reference import factored_damped, layer_ag, layer_batch, per_example_gradients, plain_kfac, rel
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 LR, DAMPING = 0.1, 0.05
@@ -130,17 +130,7 @@ def test_multi_head_attention_projections_found_and_exact():
 
 # --- one step through the optimizer --------------------------------------------
 def compiled(model, mode, **options):
-    opt = keras_kfac.KFAC(
-        learning_rate=LR,
-        damping=DAMPING,
-        momentum=0.0,
-        kl_clip=None,
-        stats_decay=0.0,
-        stats_every=1,
-        inverse_every=1,
-        fisher="empirical",
-        curvature_options=options,
-    )
+    opt = plain_kfac(LR, DAMPING, curvature_options=options)
     model.compile(optimizer=opt, loss=LOSS, run_eagerly=mode == "eager", jit_compile=mode == "xla")
     return opt
 
