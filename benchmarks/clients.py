@@ -243,6 +243,12 @@ def main(argv=None):
 
     os.makedirs(RESULTS, exist_ok=True)
     stem = os.path.join(RESULTS, "clients" + ("_quick" if args.quick else ""))
+    if args.only and os.path.exists(stem + ".json"):
+        # --only updates those programs' rows of the existing table.
+        with open(stem + ".json") as f:
+            previous = {row["program"]: row for row in json.load(f)["rows"]}
+        previous.update({row["program"]: row for row in rows})
+        rows = [previous[name] for name in PROGRAMS if name in previous]
     command = (
         "python benchmarks/clients.py"
         + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()

@@ -567,6 +567,9 @@ class Capture:
             dys.append(tf.cast(dy, output.dtype))
         targets = [s for key in keys for s in record.preactivations.get(key, [])]
         grads = record.tape.gradient(outputs, targets, output_gradients=dys)
+        # A gradient summed over several outputs can lose its static shape;
+        # it is that of its target (the blocks read static location counts).
+        grads = [None if g is None else tf.ensure_shape(g, s.shape) for g, s in zip(grads, targets)]
         batches, k = [], 0
         for block, key in zip(blocks, keys):
             inputs = record.inputs.get(key, [])
