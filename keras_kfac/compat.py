@@ -184,6 +184,36 @@ def apply_updates(optimizer, grads_and_vars, learning_rate):
     )
 
 
+class OptimizerHooks:
+    """The private hooks of Keras's TensorFlow optimizer that a second-order
+    optimizer must take over, for a subclass of ``keras.optimizers.Optimizer``
+    that defines ``apply_update(grads, variables, learning_rate)`` (the whole
+    step, after Keras's gradient clipping and before ``iterations += 1``).
+    Private: ``Optimizer._backend_update_step``, ``_apply_weight_decay``,
+    ``_get_variable_index``, ``_use_weight_decay``, ``_variables`` (keras 3.0 -
+    3.15.1; Keras's own optimizers use ``_get_variable_index`` the same way)."""
+
+    def _backend_update_step(self, grads, variables, learning_rate):
+        self.apply_update(grads, variables, learning_rate)
+
+    def _apply_weight_decay(self, variables):
+        # The subclass decays inside its own update, so that a skipped step
+        # leaves the weights untouched.
+        return
+
+    def variable_index(self, variable):
+        """The index of ``variable`` among the optimizer's built variables."""
+        return self._get_variable_index(variable)
+
+    def decays(self, variable):
+        """Whether decoupled weight decay applies to ``variable``."""
+        return self._use_weight_decay(variable)
+
+    def own_variables(self):
+        """The variables this optimizer created (not its sub-optimizers')."""
+        return list(self._variables)
+
+
 # --- tf.distribute -----------------------------------------------------------
 def in_xla_context():
     """True when the current graph (or an enclosing one) is XLA-compiled.

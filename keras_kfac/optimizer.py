@@ -47,7 +47,7 @@ def _all_finite(tensors):
 
 
 @keras.saving.register_keras_serializable(package="keras_kfac")
-class KFAC(keras.optimizers.Optimizer):
+class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
     """K-FAC: Kronecker-factored approximate natural gradient.
 
     Drop-in for any Keras optimizer with the TensorFlow backend::
@@ -204,7 +204,7 @@ class KFAC(keras.optimizers.Optimizer):
     def variables(self):
         # The fallback's state is saved and restored with this optimizer's
         # (as keras.optimizers.LossScaleOptimizer does for its inner one).
-        return self._variables + self._fallback.variables
+        return self.own_variables() + self._fallback.variables
 
     # --- the model ---------------------------------------------------------
     def register(self, model):
@@ -311,7 +311,7 @@ class KFAC(keras.optimizers.Optimizer):
         for v in variables:
             if not estimator.covers(self._key(v)):
                 continue
-            index = self._get_variable_index(v)
+            index = self.variable_index(v)
             if self.adaptive_step:
                 self._previous_updates[index] = self.add_variable_from_reference(
                     v, "previous_update"
@@ -388,7 +388,7 @@ class KFAC(keras.optimizers.Optimizer):
 
     def previous_update(self, variable):
         """The previous step's update of a block variable (``adaptive_step``)."""
-        return self._previous_updates[self._get_variable_index(variable)]
+        return self._previous_updates[self.variable_index(variable)]
 
     def _skip_step(self):
         """A skipped step changes nothing and does not count as a step: Keras
@@ -402,13 +402,10 @@ class KFAC(keras.optimizers.Optimizer):
     # --- the update ------------------------------------------------------------
     # Overrides of keras's TensorFlow optimizer hooks (keras 3.0 - 3.15.1;
     # see keras_kfac.compat for the calls into it).
-    def _apply_weight_decay(self, variables):
-        # Decoupled weight decay happens in `update_step` (block variables) and
-        # in the fallback optimizer, so that a skipped step leaves the weights
-        # untouched.
-        return
-
-    def _backend_update_step(self, grads, variables, learning_rate):
+    def apply_update(self, grads, variables, learning_rate):
+        """The whole step (Keras's hook, see ``compat.OptimizerHooks``);
+        decoupled weight decay happens in ``update_step`` (block variables)
+        and in the fallback optimizer, so a skipped step changes nothing."""
         # Under a tf.distribute strategy: collectives without merge_call, and
         # the global batch's statistics (see keras_kfac.distributed).
         with distributed.replica_step() as replicas:
@@ -584,7 +581,7 @@ class KFAC(keras.optimizers.Optimizer):
 
     def _momentum_of(self, variable):
         """The momentum of a block variable (None without momentum)."""
-        return self._momentums.get(self._get_variable_index(variable))
+        return self._momentums.get(self.variable_index(variable))
 
     def _momentum_dot(self, grads, variables):
         """``<m, g>`` over the block variables (0 without momentum)."""
@@ -619,8 +616,8 @@ class KFAC(keras.optimizers.Optimizer):
         """One block variable's update, given its natural direction."""
         lr = tf.cast(learning_rate, variable.dtype)
         gradient = tf.cast(gradient, variable.dtype)
-        index = self._get_variable_index(variable)
-        if self.weight_decay is not None and self._use_weight_decay(variable):
+        index = self.variable_index(variable)
+        if self.weight_decay is not None and self.decays(variable):
             self.assign_sub(variable, variable * tf.cast(self.weight_decay, variable.dtype) * lr)
         if index in self._previous_updates:
             # adaptive_step: `gradient` is minus the whole update (sec. 7).

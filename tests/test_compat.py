@@ -138,3 +138,23 @@ def test_model_attribute_hook_mask_and_loss_weights():
     model.compile(loss=["mse", "mse"], loss_weights=[0.5, 2.0])
     assert compat.compiled_loss_weights(model) == [0.5, 2.0]
     assert compat.compiled_loss_weights(keras.Sequential([keras.layers.Dense(1)])) is None
+
+
+def test_optimizer_hooks_take_over_the_update():
+    seen = []
+
+    class Recording(compat.OptimizerHooks, keras.optimizers.Optimizer):
+        def apply_update(self, grads, variables, learning_rate):
+            seen.append([self.variable_index(v) for v in variables])
+            for g, v in zip(grads, variables):
+                v.assign_sub(learning_rate * g)
+
+    variables = [keras.Variable(np.ones((2,), "float32")), keras.Variable(np.ones((), "float32"))]
+    opt = Recording(learning_rate=0.5, weight_decay=0.1)
+    opt.exclude_from_weight_decay(var_list=[variables[1]])
+    opt.apply([tf.constant([1.0, 2.0]), tf.constant(4.0)], variables)
+    assert seen == [[0, 1]]
+    # Keras's own weight decay is off (the subclass owns it): only the step.
+    np.testing.assert_allclose(variables[0].numpy(), [0.5, 0.0])
+    assert opt.decays(variables[0]) and not opt.decays(variables[1])
+    assert [v.path for v in opt.own_variables()] == [v.path for v in opt.variables]
