@@ -31,18 +31,7 @@ import numpy as np  # noqa: E402
 import keras_kfac  # noqa: E402
 from keras_kfac import datasets  # noqa: E402
 
-METHODS = (
-    "kfac",
-    "ekfac",
-    "kpsvd",
-    "deflation",
-    "lanczos",
-    "kfac_corrected",
-    "tengrad",
-    "cgfac",
-    "diagonal",
-    "auto",
-)
+METHODS = keras_kfac.curvature.available()
 
 
 def small_autoencoder(pixels, seed=0):

@@ -9,18 +9,7 @@ import pytest
 
 import keras_kfac
 
-METHODS = [
-    "kfac",
-    "ekfac",
-    "kpsvd",
-    "deflation",
-    "lanczos",
-    "kfac_corrected",
-    "tengrad",
-    "cgfac",
-    "diagonal",
-    "auto",
-]
+METHODS = keras_kfac.curvature.available()
 
 
 def data(kind, n=512, seed=0):
