@@ -2,7 +2,9 @@
 clock stopped, JSON/CSV logs and matplotlib plots.
 
 Timing excludes the first (compiling) step and every evaluation; step times
-are reported as medians. Every optimizer of a suite runs in the same process
+are reported as medians. Process CPU time (all of TensorFlow's threads) is
+recorded next to wall time, and the load average at the start and end of a
+run, so that timings taken on a shared machine can be read under load. Every optimizer of a suite runs in the same process
 from the same initial weights on the same batches, so ratios are comparable.
 """
 
@@ -36,21 +38,28 @@ class BudgetLogger(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self.step = 0
         self.elapsed = 0.0
+        self.cpu_elapsed = 0.0
         self.step_times = []
+        self.step_cpu_times = []
         self.rows = []
         self._next_eval = 0.0
+        self.load_begin = os.getloadavg()[0]
 
     def on_train_batch_begin(self, batch, logs=None):
         self._start = time.perf_counter()
+        self._start_cpu = time.process_time()
 
     def on_train_batch_end(self, batch, logs=None):
         dt = time.perf_counter() - self._start
+        cpu = time.process_time() - self._start_cpu
         self.step += 1
         if self.step == 1:
             self.first_step_seconds = dt  # compile: excluded from the clock
         else:
             self.elapsed += dt
+            self.cpu_elapsed += cpu
             self.step_times.append(dt)
+            self.step_cpu_times.append(cpu)
         if self.step == 1 or self.elapsed >= self._next_eval:
             self._log()
             self._next_eval = self.elapsed + self.eval_every
@@ -61,34 +70,42 @@ class BudgetLogger(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if not self.rows or self.rows[-1]["step"] != self.step:
             self._log()
+        self.load_end = os.getloadavg()[0]
 
     def _log(self):
-        row = {"step": self.step, "seconds": self.elapsed}
+        row = {"step": self.step, "seconds": self.elapsed, "cpu_seconds": self.cpu_elapsed}
         row.update(self.evaluate())
         self.rows.append(row)
 
     def summary(self):
+        def ms(f, times):
+            return 1000 * f(times) if times else float("nan")
+
         return {
             "steps": self.step,
             "seconds": self.elapsed,
-            "median_step_ms": (
-                1000 * statistics.median(self.step_times) if self.step_times else float("nan")
-            ),
+            "cpu_seconds": self.cpu_elapsed,
+            "median_step_ms": ms(statistics.median, self.step_times),
             # Amortized over statistics/refresh steps (the median hides them).
-            "mean_step_ms": (
-                1000 * statistics.mean(self.step_times) if self.step_times else float("nan")
-            ),
+            "mean_step_ms": ms(statistics.mean, self.step_times),
+            "median_step_cpu_ms": ms(statistics.median, self.step_cpu_times),
+            "mean_step_cpu_ms": ms(statistics.mean, self.step_cpu_times),
             "first_step_s": getattr(self, "first_step_seconds", float("nan")),
+            "load_begin": self.load_begin,
+            "load_end": getattr(self, "load_end", float("nan")),
             "final": self.rows[-1],
         }
 
 
+def first_reaching(rows, key, target):
+    """First logged row with ``row[key] <= target`` (None if none)."""
+    return next((row for row in rows if row[key] <= target), None)
+
+
 def time_to_reach(rows, key, target):
     """First logged (seconds, step) at which ``rows[key] <= target``."""
-    for row in rows:
-        if row[key] <= target:
-            return row["seconds"], row["step"]
-    return None, None
+    row = first_reaching(rows, key, target)
+    return (None, None) if row is None else (row["seconds"], row["step"])
 
 
 def machine():

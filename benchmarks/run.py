@@ -7,10 +7,12 @@ command; results (JSON, CSV, PNG, Markdown) go to ``benchmarks/results/``.
     python benchmarks/run.py overhead --batch 1000  # time per step / memory per method
     python benchmarks/run.py vit                    # small ViT on Fashion-MNIST
     python benchmarks/run.py charlm                 # character-level Transformer LM
+    python benchmarks/run.py panel                  # every task against tuned baselines
     python benchmarks/run.py autoencoder --quick     # smoke mode, well under a minute
 
 ``--budget`` is the training wall-clock per optimizer (seconds, excluding the
-first compiled step and evaluations); ``--optimizers`` restricts the runs.
+first compiled step and evaluations; default 60, per task for the panel);
+``--optimizers`` restricts the runs. The panel is in ``benchmarks/panel.py``.
 """
 
 import argparse
@@ -178,15 +180,17 @@ def first_order_runs(adam_lrs, sgd_lrs):
     return runs
 
 
-def transformer_baselines(adam_lrs):
-    """Adam and AdamW (weight decay 0.05) over a learning-rate grid, and
-    Muon (Keras's defaults: Newton-Schulz orthogonalized momentum on 2-D
-    weights, AdamW on the rest)."""
+def transformer_baselines(adam_lrs, weight_decay=0.05):
+    """Adam and AdamW over a learning-rate grid, and Muon (Keras's defaults:
+    Newton-Schulz orthogonalized momentum on 2-D weights, AdamW on the rest)."""
     runs = {}
     for lr in adam_lrs:
         runs[f"adam lr={lr:g}"] = (lambda lr=lr: keras.optimizers.Adam(lr), [])
     for lr in adam_lrs:
-        runs[f"adamw lr={lr:g}"] = (lambda lr=lr: keras.optimizers.AdamW(lr, weight_decay=0.05), [])
+        runs[f"adamw lr={lr:g}"] = (
+            lambda lr=lr: keras.optimizers.AdamW(lr, weight_decay=weight_decay),
+            [],
+        )
     runs["muon (defaults)"] = (lambda: keras.optimizers.Muon(), [])
     return runs
 
@@ -201,12 +205,24 @@ def select(runs, patterns):
 
 
 def train(
-    build, make_optimizer, callbacks, x, y, batch, budget, eval_every, evaluate, max_steps=None
+    build,
+    make_optimizer,
+    callbacks,
+    x,
+    y,
+    batch,
+    budget,
+    eval_every,
+    evaluate,
+    max_steps=None,
+    seed=0,
 ):
-    model = build()
+    """One run; ``seed`` picks the initial weights and the batch order (and
+    dropout), the same for every optimizer."""
+    model = build(seed)
     model.compile(optimizer=make_optimizer(), **build.compile_kwargs)
     logger = BudgetLogger(budget, eval_every, lambda: evaluate(model), max_steps)
-    keras.utils.set_random_seed(1234)  # same batch order for every optimizer
+    keras.utils.set_random_seed(1234 + seed)
     epochs = 10_000 if max_steps is None else -(-max_steps * batch // len(x))
     model.fit(x, y, batch_size=batch, epochs=epochs, verbose=0, callbacks=[logger] + callbacks)
     return logger
@@ -306,18 +322,18 @@ def markdown(title, command, best, target, key, table, adam_ms):
 # --- suites --------------------------------------------------------------------
 
 
-def suite_autoencoder(args):
+def autoencoder_task(args, activation, probe_size=10000, test_size=None):
+    """MNIST autoencoder: ``(build, data, evaluate)`` for :func:`run_suite`
+    (summed BCE per image on a fixed training probe and on the test set)."""
     x, _ = datasets.load_numpy("mnist", "train", data_dir=args.data_dir)
     xt, _ = datasets.load_numpy("mnist", "test", data_dir=args.data_dir)
     x, xt = x.reshape(len(x), -1), xt.reshape(len(xt), -1)
     if args.quick:
         x, xt = x[:4000], xt[:1000]
-    probe, probe_test = x[:10000], xt
+    probe, probe_test = x[:probe_size], xt[:test_size]
 
-    activation = "relu" if args.relu else "sigmoid"
-
-    def build():
-        return autoencoder(activation)
+    def build(seed=0):
+        return autoencoder(activation, seed)
 
     build.compile_kwargs = {"loss": make_loss()}
 
@@ -328,6 +344,12 @@ def suite_autoencoder(args):
             * model.evaluate(probe_test, probe_test, batch_size=2000, verbose=0),
         }
 
+    return build, (x, x), evaluate
+
+
+def suite_autoencoder(args):
+    activation = "relu" if args.relu else "sigmoid"
+    build, data, evaluate = autoencoder_task(args, activation)
     tuned = {
         "kfac adaptive (peer-like)": dict(
             adaptive_step=True, inverse_every=5, damping=args.adaptive_damping
@@ -341,7 +363,7 @@ def suite_autoencoder(args):
     )
     runs.update(first_order_runs([1e-4, 3e-4, 1e-3, 3e-3], [0.3, 1.0, 3.0]))
     runs = select(runs, args.optimizers)
-    results = run_suite("autoencoder", runs, build, (x, x), args, evaluate, "train_loss")
+    results = run_suite("autoencoder", runs, build, data, args, evaluate, "train_loss")
     name = (
         f"autoencoder_{activation}_batch{args.batch}" + args.tag + ("_quick" if args.quick else "")
     )
@@ -359,17 +381,21 @@ def suite_autoencoder(args):
     )
 
 
-def fashion_mnist_task(args, model_fn, train_size=None):
-    """Fashion-MNIST classification: ``(build, data, evaluate)`` for
-    :func:`run_suite` (train loss on a 10k probe, test accuracy)."""
-    x, y = datasets.load_numpy("fashion_mnist", "train", data_dir=args.data_dir)
-    xt, yt = datasets.load_numpy("fashion_mnist", "test", data_dir=args.data_dir)
+def fashion_mnist_task(
+    args, model_fn, train_size=None, probe_size=10000, test_size=None, dataset="fashion_mnist"
+):
+    """Fashion-MNIST (or MNIST) classification: ``(build, data, evaluate)``
+    for :func:`run_suite` (train loss on a fixed probe of the training set,
+    test loss and accuracy). ``model_fn(seed=...)`` builds the model."""
+    x, y = datasets.load_numpy(dataset, "train", data_dir=args.data_dir)
+    xt, yt = datasets.load_numpy(dataset, "test", data_dir=args.data_dir)
     if args.quick:
         x, y, xt, yt = x[:train_size], y[:train_size], xt[: train_size // 4], yt[: train_size // 4]
-    probe = (x[:10000], y[:10000])
+    probe = (x[:probe_size], y[:probe_size])
+    xt, yt = xt[:test_size], yt[:test_size]
 
-    def build():
-        return model_fn()
+    def build(seed=0):
+        return model_fn(seed=seed)
 
     build.compile_kwargs = {
         "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -378,8 +404,8 @@ def fashion_mnist_task(args, model_fn, train_size=None):
 
     def evaluate(model):
         train_loss, _ = model.evaluate(*probe, batch_size=1000, verbose=0)
-        _, test_acc = model.evaluate(xt, yt, batch_size=1000, verbose=0)
-        return {"train_loss": train_loss, "test_accuracy": test_acc}
+        test_loss, test_acc = model.evaluate(xt, yt, batch_size=1000, verbose=0)
+        return {"train_loss": train_loss, "test_loss": test_loss, "test_accuracy": test_acc}
 
     return build, (x, y), evaluate
 
@@ -471,15 +497,18 @@ def suite_vit(args):
     )
 
 
-def suite_charlm(args):
-    length = 64
+def charlm_task(args, probe_size=4000, test_size=None, length=64):
+    """Character-level LM on the fortunes text: ``(build, data, evaluate)``
+    for :func:`run_suite` (per-character loss on a training probe and on the
+    held-out text)."""
     (x, y), (xt, yt), vocab = fortunes_sequences(length)
     if args.quick:
         x, y, xt, yt = x[:1000], y[:1000], xt[:200], yt[:200]
-    probe = (x[:4000], y[:4000])
+    probe = (x[:probe_size], y[:probe_size])
+    xt, yt = xt[:test_size], yt[:test_size]
 
-    def build():
-        return char_lm(vocab, length)
+    def build(seed=0):
+        return char_lm(vocab, length, seed)
 
     build.compile_kwargs = {"loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}
 
@@ -489,12 +518,17 @@ def suite_charlm(args):
             "test_loss": model.evaluate(xt, yt, batch_size=500, verbose=0),
         }
 
+    return build, (x, y), evaluate
+
+
+def suite_charlm(args):
+    build, data, evaluate = charlm_task(args)
     suite_sequence(
         args,
         f"charlm_batch{args.batch}",
         "Character-level Transformer LM (fortunes)",
         build,
-        (x, y),
+        data,
         evaluate,
         "train loss (nats/char)",
     )
@@ -579,12 +613,19 @@ def suite_overhead(args):
     print(md)
 
 
+def suite_panel(args):
+    import panel  # imports this module's models and tasks, hence not at the top
+
+    panel.run_panel(args)
+
+
 SUITES = {
     "autoencoder": suite_autoencoder,
     "convnet": suite_convnet,
     "overhead": suite_overhead,
     "vit": suite_vit,
     "charlm": suite_charlm,
+    "panel": suite_panel,
 }
 
 
@@ -597,7 +638,12 @@ def main(argv=None):
         default=None,
         help="default: 1000 (autoencoder, overhead), 128 (convnet, vit, charlm)",
     )
-    parser.add_argument("--budget", type=float, default=60.0, help="training seconds per optimizer")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="training seconds per optimizer (default 60; the panel: per task)",
+    )
     parser.add_argument(
         "--eval-every", type=float, default=None, help="seconds of training between evaluations"
     )
@@ -628,12 +674,27 @@ def main(argv=None):
     )
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--quick", action="store_true", help="smoke mode: tiny data, 2 s budgets")
+    parser.add_argument(
+        "--tasks", default="", help="panel: comma-separated tasks (merged into the results file)"
+    )
+    parser.add_argument(
+        "--kfac-config",
+        default="{}",
+        metavar="JSON",
+        help="panel: keyword arguments of the KFAC run, e.g. '{\"damping\": 0.1}'",
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="panel: seeds of the headline rows")
     args = parser.parse_args(argv)
+    if args.suite == "panel":  # batch, budget and evaluation cadence are per task
+        SUITES["panel"](args)
+        return
     args.kfac = {f"kfac {spec}": json.loads(spec) for spec in args.kfac}
     if args.methods == ["all"]:
         args.methods = ALL_METHODS
     if args.batch is None:
         args.batch = 128 if args.suite in ("convnet", "vit", "charlm") else 1000
+    if args.budget is None:
+        args.budget = 60.0
     if args.quick:
         args.budget = min(args.budget, 2.0)
         args.batch = min(args.batch, 500)

@@ -1,9 +1,12 @@
 """The benchmark harness's smoke mode (the suites themselves run by hand)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,3 +29,44 @@ def test_autoencoder_suite_quick_mode(tmp_path):
         assert run["median_step_ms"] > 0
     for suffix in ("_time.png", "_steps.png", ".csv", ".md"):
         assert (tmp_path / f"autoencoder_sigmoid_batch500_quick{suffix}").stat().st_size > 0
+
+
+@pytest.mark.slow  # ~30 s on a quiet machine: four runs with their compilations
+def test_panel_quick_mode(tmp_path):
+    env = dict(os.environ, KERAS_KFAC_RESULTS=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "panel", "--quick"]
+    result = subprocess.run(
+        command + ["--tasks", "mlp"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    task = json.loads((tmp_path / "panel_quick.json").read_text())["tasks"]["mlp"]
+    runs = {row["run"] for row in task["table"]}
+    assert runs == {"adam lr=0.001", "muon lr=0.001", "sgd nesterov lr=0.03", "kfac"}
+    assert task["best"] in runs - {"kfac"} and task["kfac_label"] == "kfac"
+    for row in task["table"]:
+        assert row["steps"] >= 2 and row["seed"] == 0
+        for key in ("final", "median_step_ms", "mean_step_ms", "mean_step_cpu_ms"):
+            assert math.isfinite(row[key]) and row[key] > 0, (row["run"], key)
+    best = [row for row in task["table"] if row["run"] == task["best"]][0]
+    # The target is the best run's own final value: it reaches it, in its budget.
+    assert task["target"] == best["final"] and best["steps_to_target"] <= best["steps"]
+    assert 0 < best["seconds_to_target"] <= task["budget"] * 1.5
+    kfac = task["kfac"]
+    assert math.isfinite(kfac["final_median"]) and kfac["step_ratio_to_adam"] > 0
+    if task["time_ratio"] is not None:
+        assert task["time_ratio"] > 0 and task["verdict"].startswith(("meets", "misses"))
+    else:
+        assert task["verdict"] == "misses: KFAC does not reach the target"
+
+    lines = (tmp_path / "panel_quick.md").read_text().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| task |"))
+    row = lines[header + 2]
+    assert row.startswith("| mlp |") and row.count("|") == lines[header].count("|") == 12
+    for suffix in ("_time.png", "_steps.png", ".csv", ".json"):
+        assert (tmp_path / f"panel_quick_mlp{suffix}").stat().st_size > 0
+
+    bad = subprocess.run(
+        command + ["--tasks", "mlp,nosuch"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode != 0 and "unknown panel task(s) nosuch" in bad.stderr
