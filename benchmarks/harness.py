@@ -113,10 +113,18 @@ def machine():
 
 
 def write_results(
-    name, payload, runs, x_key="seconds", y_key="train_loss", y_label=None, log_y=False
+    name,
+    payload,
+    runs,
+    x_key="seconds",
+    y_key="train_loss",
+    y_label=None,
+    log_y=False,
+    styles=None,
 ):
     """``results/<name>.json``, ``<name>.csv`` (all logged rows) and
-    ``<name>_time.png`` / ``<name>_steps.png`` (one line per run)."""
+    ``<name>_time.png`` / ``<name>_steps.png`` (one line per run;
+    ``styles[label]``: that line's matplotlib keywords)."""
     os.makedirs(RESULTS, exist_ok=True)
     stem = os.path.join(RESULTS, name)
     payload = dict(payload, machine=machine(), runs=runs)
@@ -142,7 +150,7 @@ def write_results(
         for label, run in runs.items():
             xs = [row[axis] for row in run["rows"]]
             ys = [row[y_key] for row in run["rows"]]
-            ax.plot(xs, ys, label=label, linewidth=1.5)
+            ax.plot(xs, ys, label=label, **(styles or {}).get(label, {"linewidth": 1.5}))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(y_label or y_key)
         if log_y:

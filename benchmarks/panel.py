@@ -480,6 +480,42 @@ def markdown(results, command, kfac_config, quick):
     return "\n".join(lines) + "\n"
 
 
+def line_styles(labels, kfac, best):
+    """KFAC's seeds in black, the best first-order configuration's in red,
+    the rest thin, each its own color (the default cycle repeats after 10)."""
+    import matplotlib
+
+    colors = matplotlib.colormaps["tab20"].colors
+    styles = {}
+    for i, label in enumerate(labels):
+        run = label.rsplit(" seed=", 1)[0]
+        if run == kfac:
+            styles[label] = {"color": "black", "linewidth": 2.2}
+        elif run == best:
+            styles[label] = {"color": "tab:red", "linewidth": 2.0}
+        else:
+            styles[label] = {"color": colors[i % len(colors)], "linewidth": 1.0, "alpha": 0.8}
+    return styles
+
+
+def write_task(stem, name, task, summary, runs):
+    """One task's JSON, CSV and plots (every run's evaluations)."""
+    flat = {f"{label} seed={s}": run for label, seeds in runs.items() for s, run in seeds.items()}
+    try:
+        styles = line_styles(flat, summary["kfac_label"], summary["best"])
+    except ImportError:  # write_results says how to get the plots
+        styles = None
+    write_results(
+        stem,
+        {"task": name, **{k: v for k, v in summary.items() if k != "table"}},
+        flat,
+        y_key=task.key,
+        y_label=task.key_label,
+        log_y=True,
+        styles=styles,
+    )
+
+
 def run_panel(args):
     names = parse_tasks(args.tasks)
     kfac_config = parse_kfac_config(args.kfac_config)
@@ -496,17 +532,7 @@ def run_panel(args):
         summary, runs = run_task(name, task, args, kfac_config)
         summary.update(command=command, kfac_config=kfac_config, suffix=suffix)
         results[name] = summary
-        flat = {
-            f"{label} seed={s}": run for label, seeds in runs.items() for s, run in seeds.items()
-        }
-        write_results(
-            f"panel{suffix}_{name}",
-            {"task": name, **{k: v for k, v in summary.items() if k != "table"}},
-            flat,
-            y_key=task.key,
-            y_label=task.key_label,
-            log_y=True,
-        )
+        write_task(f"panel{suffix}_{name}", name, task, summary, runs)
         with open(stem + ".json", "w") as f:
             json.dump({"machine": machine(), "tasks": results}, f, indent=1, default=float)
         md = markdown(results, command, kfac_config, args.quick)
