@@ -170,7 +170,7 @@ TASKS = {
         (0.3, 1.0),
     ),
     "convnet128": Task(
-        "Fashion-MNIST convnet, batch 128",
+        "Fashion-MNIST convnet (Suite 2)",
         128,
         8,
         "train_loss",
@@ -179,7 +179,7 @@ TASKS = {
         (0.03, 0.1),
     ),
     "convnet512": Task(
-        "Fashion-MNIST convnet, batch 512",
+        "Fashion-MNIST convnet (Suite 2)",
         512,
         10,
         "train_loss",
@@ -232,7 +232,10 @@ def parse_kfac_config(spec):
         sys.exit(f"--kfac-config is not JSON ({e}); e.g. --kfac-config '{{\"damping\": 0.1}}'")
     if not isinstance(config, dict):
         sys.exit("--kfac-config must be a JSON object of KFAC keyword arguments")
-    keras_kfac.KFAC(**config)  # a bad keyword fails here, before any training
+    try:  # a bad keyword or value fails here, before any training
+        keras_kfac.KFAC(**config)
+    except (TypeError, ValueError) as e:
+        sys.exit(f"--kfac-config: KFAC(**{config}) fails ({e}); see help(keras_kfac.KFAC)")
     return config
 
 
