@@ -425,7 +425,7 @@ def markdown(results, command, kfac_config, quick):
     lines = [
         "### Benchmark panel" + (" (quick smoke run)" if quick else ""),
         "",
-        f"`{command}` on {machine()}; KFAC run: "
+        f"`{command}` (the latest run; `--tasks` merges) on {machine()}; KFAC run: "
         f"`keras_kfac.KFAC({', '.join(f'{k}={v!r}' for k, v in kfac_config.items())})`.",
         "",
         "Target: the best first-order run's median final metric. Ratio: KFAC's median time to "
@@ -433,6 +433,16 @@ def markdown(results, command, kfac_config, quick):
         "Finals: median [min-max] over seeds. Step ratio: amortized step time over Adam's "
         "(wall / CPU). Load: 1-minute load average during the task.",
         "",
+    ]
+    labels = {name: r["kfac_label"] for name, r in results.items()}
+    if len(set(labels.values())) > 1:  # --tasks merged runs of different settings
+        lines += [
+            "KFAC settings differ between tasks: "
+            + "; ".join(f"{name}: `{label}`" for name, label in labels.items())
+            + ".",
+            "",
+        ]
+    lines += [
         "| task | metric | budget (s) | best first-order | its final | KFAC final "
         "| time ratio (CPU) | steps to target KFAC / best | step ratio | load | verdict |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|",

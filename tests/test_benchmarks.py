@@ -31,7 +31,7 @@ def test_autoencoder_suite_quick_mode(tmp_path):
         assert (tmp_path / f"autoencoder_sigmoid_batch500_quick{suffix}").stat().st_size > 0
 
 
-@pytest.mark.slow  # ~30 s on a quiet machine: four runs with their compilations
+@pytest.mark.slow  # 87 s at load 15 on 2 cores: four runs with their compilations
 def test_panel_quick_mode(tmp_path):
     env = dict(os.environ, KERAS_KFAC_RESULTS=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="3")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
