@@ -378,13 +378,18 @@ def report(dirs, min_race_budget, stem, marks=STEP_MARKS):
         "",
         "## Per step (load-independent): evaluation BCE after n steps",
         "",
-        "| run | " + " | ".join(f"{s} steps" for s in marks) + " | median step ms |",
-        "|---|" + "---|" * (len(marks) + 1),
+        "| run | KFAC arguments | "
+        + " | ".join(f"{s} steps" for s in marks)
+        + " | median step ms |",
+        "|---|---|" + "---|" * (len(marks) + 1),
     ]
     for r in runs:
         values = [fmt(at_step(r["evals"], s)) for s in marks]
+        config = r["summary"].get("kfac_config")
         lines.append(
-            f"| {r['name']} | " + " | ".join(values) + f" | {r['summary']['median_step_ms']:.0f} |"
+            f"| {r['name']} | {'-' if config is None else f'`{json.dumps(config)}`'} | "
+            + " | ".join(values)
+            + f" | {r['summary']['median_step_ms']:.0f} |"
         )
     lines += [
         "",
@@ -475,7 +480,8 @@ def _plot(runs, race, path):
         ax.set_ylabel("summed BCE, first 10k training images")
         ax.set_ylim(top=120)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     ax_t.set_title("race (wall time)")
     ax_s.set_title("per step")
     fig.tight_layout()
