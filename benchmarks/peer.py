@@ -29,7 +29,7 @@ own virtualenv, see ``../shared/peers/README.md``). This script trains
 ``--kfac-config`` is a JSON object of ``KFAC`` keyword arguments; its key
 ``"adapt_damping"`` (an object of :meth:`keras_kfac.KFAC.adapt_damping`
 arguments, e.g. ``{"every": 5}``) turns on Levenberg-Marquardt damping.
-``--peer-dir`` (with or without training) reads every run there and in
+``--peer-dir`` (with or without training) reads every run in its folders and in
 ``--out-dir`` and writes the joint table and plots to
 ``benchmarks/results/peer.{md,json,png}``.
 """
@@ -505,7 +505,12 @@ def main():
     ap.add_argument("--skip-batches", type=int, default=PEER_SKIPPED_BATCHES)
     ap.add_argument("--data-dir", default=None, help="folder with the raw MNIST IDX files")
     ap.add_argument("--out-dir", default=None, help="this run's CSVs (default results/peer_runs)")
-    ap.add_argument("--peer-dir", default=None, help="the peer's OUT_DIR: write the joint report")
+    ap.add_argument(
+        "--peer-dir",
+        nargs="+",
+        default=None,
+        help="the peer's OUT_DIR (and more run folders): write the joint report",
+    )
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument(
         "--race-budget",
@@ -535,7 +540,7 @@ def main():
     if not args.report_only:
         train(args, config, args.tag, args.out_dir)
     if args.peer_dir or args.report_only:
-        dirs = [args.out_dir] + ([args.peer_dir] if args.peer_dir else [])
+        dirs = [args.out_dir] + (args.peer_dir or [])
         report(dirs, args.race_budget, stem, marks)
 
 
