@@ -366,6 +366,42 @@ def test_size_guard_on_a_vgg16_sized_dense_by_default():
     assert max(np.prod(v.shape) for v in opt.variables) <= 25089 * 8
 
 
+def _structures(model, **options):
+    opt = keras_kfac.KFAC(model=model, fisher="empirical", curvature_options=options or None)
+    text = opt.summary(print_fn=lambda s: None)
+    return {
+        name: next(line for line in text.splitlines() if line.startswith(name))
+        .split()[-1]
+        .split(",")[0]
+        for name in ("wide", "tall", "head", "conv")
+    }
+
+
+def test_size_guard_ratio_keeps_factors_far_larger_than_the_layer_diagonal():
+    # The conditional GAN's shapes, scaled down: a Dense whose G (2100) is
+    # > 32x its A (65), a Conv2D whose A (7*7*43 + 1 = 2108) is > 32x its G
+    # (1); an MNIST-convnet-like head (1601 x 10) is under the 2048 floor.
+    inputs = keras.Input((64,))
+    h = keras.layers.Dense(2100, name="wide")(inputs)
+    h = keras.layers.Reshape((10, 10, 21))(h)
+    h = keras.layers.Conv2D(43, 1, name="tall")(h)
+    h = keras.layers.Conv2D(1, 7, padding="same", name="conv")(h)
+    h = keras.layers.Dense(1601)(keras.layers.Flatten()(h))
+    model = keras.Model(inputs, keras.layers.Dense(10, name="head")(h))
+    assert _structures(model) == {
+        "wide": "Axdiag(G)",
+        "tall": "AxG",
+        "conv": "diag(A)xG",
+        "head": "AxG",
+    }
+    off = _structures(model, max_factor_ratio=None)
+    assert set(off.values()) == {"AxG"}
+    per_layer = _structures(model, max_factor_ratio={"conv": None, "default": 32})
+    assert per_layer["conv"] == "AxG" and per_layer["wide"] == "Axdiag(G)"
+    with pytest.raises(ValueError, match="max_factor_ratio must be a positive number"):
+        _structures(model, max_factor_ratio=0)
+
+
 def test_eigen_damping_with_diagonal_factor_is_exact_inverse():
     model, layer, x, y = embedding_problem()
     block = block_for_layer(layer)
