@@ -287,41 +287,60 @@ def _location_mask(block, inputs, mask):
 class _MaskedBatch(LayerBatch):
     """A :class:`LayerBatch` whose masked locations (per use, ``(n, T)``
     float masks, None for unmasked uses) have zero ``a`` and ``g``, so they
-    are left out of every statistic."""
+    are left out of every statistic.
+
+    Uses with different batch sizes (a layer called on ``x`` and on
+    ``x[:k]``) are zero-padded to the largest one with masked rows: row
+    ``i`` of every use is example ``i``'s (as ``x[:k]`` keeps them), and the
+    padded rows are locations the example does not have, so expand's ``A``
+    sums every real use over the ``n`` examples and ``G`` averages over the
+    real locations only."""
 
     def __init__(self, block, inputs, output_grads, grad_scale, masks):
         super().__init__(block, inputs, output_grads, grad_scale)
         self._masks = masks
 
+    def _rows(self):
+        return tf.reduce_max([tf.shape(self.block.activations(x))[0] for x in self._inputs])
+
+    def _padded(self, parts, masks):
+        rows = self._rows()
+        out = []
+        for x, m in zip(parts, masks):
+            if m is not None:
+                x = x * m[..., None]
+            pad = rows - tf.shape(x)[0]
+            out.append(
+                tf.pad(x, tf.concat([[[0, pad]], tf.zeros([x.shape.rank - 1, 2], tf.int32)], 0))
+            )
+        return out[0] if len(out) == 1 else tf.concat(out, axis=1)
+
     def a(self):
-        parts = [
-            self._masked(self.block.activations(x), m) for x, m in zip(self._inputs, self._masks)
-        ]
-        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
+        return self._padded([self.block.activations(x) for x in self._inputs], self._masks)
 
     def g(self):
-        parts = [
-            self._masked(self.block.output_gradients(d), m)
-            for d, m in zip(self._output_grads, self._masks)
-        ]
-        g = parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
-        return g * tf.cast(self._grad_scale, tf.float32)
+        parts = [self.block.output_gradients(d) for d in self._output_grads]
+        return self._padded(parts, self._masks) * tf.cast(self._grad_scale, tf.float32)
 
     def location_mask(self):
         parts = [
             tf.ones(tf.shape(self.block.activations(x))[:2]) if m is None else m
             for x, m in zip(self._inputs, self._masks)
         ]
-        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
+        rows = self._rows()
+        padded = [tf.pad(m, [[0, rows - tf.shape(m)[0]], [0, 0]]) for m in parts]
+        return padded[0] if len(padded) == 1 else tf.concat(padded, axis=1)
 
-    @staticmethod
-    def _masked(x, mask):
-        return x if mask is None else x * mask[..., None]
+
+def _same_batch_size(inputs):
+    """True when every use's batch size is statically known and equal."""
+    sizes = {tf.nest.flatten(x)[0].shape[0] for x in inputs}
+    return len(sizes) == 1 and None not in sizes
 
 
 def _layer_batch(block, inputs, grads, scale, masks):
     masks = [_location_mask(block, x, m) for x, m in zip(inputs, masks)]
-    if all(m is None for m in masks):
+    if all(m is None for m in masks) and (len(inputs) == 1 or _same_batch_size(inputs)):
         return LayerBatch(block, inputs, grads, scale)
     return _MaskedBatch(block, inputs, grads, scale, masks)
 
@@ -532,7 +551,8 @@ class Capture:
                 grads = [record.output_grads[key][i] for i in uses[key]]
                 if root is not None:
                     grads = [_per_example(tf.math.divide_no_nan, g, root) for g in grads]
-                n = tf.cast(tf.shape(inputs[0])[0], tf.float32)
+                # The examples: the largest use (see _MaskedBatch).
+                n = tf.cast(tf.reduce_max([tf.shape(x)[0] for x in inputs]), tf.float32)
                 if replicas is not None:
                     n = n * replicas.num_replicas
                 scale = n if loss_scale is None else n / loss_scale
