@@ -117,8 +117,9 @@ def test_multi_head_attention_projections_found_and_exact():
     for layer in einsum:
         block = block_for_layer(layer, model=model)
         assert block is not None, unsupported_reason(layer)
-        # Per-token loss? No: the output is flattened, so auto picks reduce.
-        assert block.weight_sharing == "reduce"
+        # The output is flattened (not pooled) before the loss: auto picks
+        # expand (see test_auto_weight_sharing_tells_flatten_from_pooling).
+        assert block.weight_sharing == "expand"
         a, g = layer_ag(model, layer, x, y, LOSS)
         u = per_example_gradients(model, layer, x, y, LOSS).numpy()
         # key and value are both called on the same input: still one use each.
@@ -150,14 +151,14 @@ def expect_step(model, layer, x, y, damped):
 
 # Every mode with the default weight sharing, the other one in graph mode.
 @pytest.mark.parametrize(
-    "mode,sharing", [("graph", "auto"), ("eager", "auto"), ("xla", "auto"), ("graph", "expand")]
+    "mode,sharing", [("graph", "auto"), ("eager", "auto"), ("xla", "auto"), ("graph", "reduce")]
 )
 def test_einsum_dense_one_step(mode, sharing):
     model, layer, x, y = einsum_problem(*EQUATIONS[1])
     opt = compiled(model, mode, weight_sharing=sharing)
     a, g = layer_ag(model, layer, x, y, LOSS)
-    # Flatten before the loss: auto is reduce.
-    resolved = "reduce" if sharing == "auto" else "expand"
+    # Flatten before the loss: auto is expand.
+    resolved = "expand" if sharing == "auto" else sharing
     A, G = reference_factors(a.astype(np.float64), g.astype(np.float64), resolved)
     expect_step(model, layer, x, y, factored_damped(A, G, DAMPING))
     assert (
@@ -233,6 +234,18 @@ def test_weight_sharing_option_per_layer_and_validation():
         block_for_layer(layer, model=model, weight_sharing="mean")
     with pytest.raises(ValueError, match="default"):
         block_for_layer(layer, model=model, weight_sharing={"other": "reduce"})
+
+
+@pytest.mark.parametrize("head, expected", [("flatten", "expand"), ("pooling", "reduce")])
+def test_auto_weight_sharing_tells_flatten_from_pooling(head, expected):
+    """Flatten keeps each position's features apart (the next layer weights
+    them separately): expand approximates that Fisher block better (see
+    ``layers.base._flattened_after``); pooling is reduce's exact setting."""
+    inputs = keras.Input((6, 3))
+    h = keras.layers.Dense(5, activation="tanh", name="target")(inputs)
+    h = keras.layers.Flatten()(h) if head == "flatten" else keras.layers.GlobalAveragePooling1D()(h)
+    model = keras.Model(inputs, keras.layers.Dense(4)(h))
+    assert block_for_layer(model.get_layer("target"), model=model).weight_sharing == expected
 
 
 # --- Embedding -----------------------------------------------------------------

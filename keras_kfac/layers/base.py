@@ -262,8 +262,8 @@ def blocks_for_layer(
       the layer has location axes (a sequence, an image) and every output of
       ``model`` has fewer (``rank - 2``: batch and feature axes aside), i.e.
       the locations are pooled before the loss; expand otherwise (a per-token
-      loss, or the model's outputs or the layer's input rank are unknown,
-      e.g. a subclassed model). Conv2D stays expand under ``"auto"`` (KFC).
+      loss, a Flatten or Reshape after the layer, or the model's outputs or
+      the layer's input rank are unknown, e.g. a subclassed model). Conv2D stays expand under ``"auto"`` (KFC).
     * ``max_factor_dim``: a factor larger than this is kept as its diagonal
       (size guard). A diagonal ``A`` with a dense ``G`` keeps the output
       correlations that K-FAC's update relies on most while its memory is
@@ -347,7 +347,41 @@ def _resolve_weight_sharing(block, model, mode):
     if not layer_axes or not outputs:
         return "expand"
     output_axes = [len(o.shape) - 2 for o in outputs]
-    return "reduce" if all(k < layer_axes for k in output_axes) else "expand"
+    if any(k >= layer_axes for k in output_axes) or _flattened_after(block, model):
+        return "expand"
+    return "reduce"
+
+
+def _flattened_after(block, model):
+    """Whether a Flatten or Reshape after ``block``'s layer in ``model``'s
+    layer order (topological for Sequential and functional models; any later
+    one counts, erring towards expand) folds the locations into features:
+    its output does not start with the layer's location axes. The next layer
+    then weights each location separately, which is not the pooling reduce is
+    exact for. Measured (relative Frobenius error of ``A x G`` against the
+    exact Fisher block, Dense on 6 positions, n = 64, 5 seeds, at init):
+    followed by Flatten -> Dense expand 0.66, reduce 0.74; by
+    GlobalAveragePooling1D -> Dense expand 0.81, reduce 0.19."""
+    layer = block.layer
+    layers = compat.flatten_layers(model)
+    later = next((layers[i + 1 :] for i, x in enumerate(layers) if x is layer), [])
+    locations = _output_shape(layer)
+    for x in later:
+        if isinstance(x, (keras.layers.Flatten, keras.layers.Reshape)):
+            shape = _output_shape(x)
+            k = block.location_axes()
+            if locations is None or shape is None or shape[1 : 1 + k] != locations[1 : 1 + k]:
+                return True
+    return False
+
+
+def _output_shape(layer):
+    """The layer's symbolic output shape, or None (never called
+    symbolically, or called more than once)."""
+    try:
+        return tuple(layer.output.shape)
+    except (AttributeError, ValueError):
+        return None
 
 
 def _is_sparse(v):
