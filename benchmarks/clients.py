@@ -151,6 +151,15 @@ def _cells(r):
     return [_fmt(r["loss"]), _fmt(r["metric"]), _fmt(r["seconds"], 3), ""]
 
 
+def _extra(own, kfac):
+    """The programs' other numbers (not judged), as ``name own / KFAC``."""
+    names = list(dict.fromkeys([*own.get("extra", {}), *kfac.get("extra", {})]))
+    return "; ".join(
+        f"{n} {_fmt(own.get('extra', {}).get(n))} / {_fmt(kfac.get('extra', {}).get(n))}"
+        for n in names
+    )
+
+
 def _load_note(rows):
     loads = [r[o]["load_before"] for r in rows for o in ("own", "kfac") if "load_before" in r[o]]
     if not loads:
@@ -176,11 +185,12 @@ def markdown(rows, quick, command):
         f'Rule for "KFAC equal or better?": accuracy-like metrics (↑): KFAC ≥ own − '
         f"{ACCURACY_SLACK}; loss-like metrics (↓): KFAC ≤ own + {LOSS_SLACK:.1%} of |own|. "
         f"And KFAC's final training loss ≤ {BLOWUP:g} × own's. "
-        'A KFAC() error, timeout or non-finite result is a "no".',
+        'A KFAC() error, timeout or non-finite result is a "no". '
+        '"other": numbers a program also reports, shown but not judged.',
         "",
         "| program | exercises | metric | own loss | own metric | own s | own error "
-        "| KFAC loss | KFAC metric | KFAC s | KFAC error | KFAC equal or better? |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| KFAC loss | KFAC metric | KFAC s | KFAC error | KFAC equal or better? | other (own / KFAC) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         own, kfac = row["own"], row["kfac"]
@@ -194,7 +204,7 @@ def markdown(rows, quick, command):
                 [row["program"], PROGRAMS[row["program"]], metric]
                 + _cells(own)
                 + _cells(kfac)
-                + [row["verdict"]]
+                + [row["verdict"], _extra(own, kfac)]
             )
             + " |"
         )

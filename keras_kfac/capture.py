@@ -287,59 +287,117 @@ def _location_mask(block, inputs, mask):
 class _MaskedBatch(LayerBatch):
     """A :class:`LayerBatch` whose masked locations (per use, ``(n, T)``
     float masks, None for unmasked uses) have zero ``a`` and ``g``, so they
-    are left out of every statistic."""
+    are left out of every statistic.
 
-    def __init__(self, block, inputs, output_grads, grad_scale, masks):
+    Uses with different batch sizes (a layer called on ``x`` and on
+    ``x[:k]``) are zero-padded to the largest one with masked rows: row
+    ``i`` of every use is example ``i``'s (as ``x[:k]`` keeps them), and the
+    padded rows are locations the example does not have, so expand's ``A``
+    sums every real use over the ``n`` examples and ``G`` averages over the
+    real locations only."""
+
+    def __init__(self, block, inputs, output_grads, grad_scale, masks, g_scales=None):
         super().__init__(block, inputs, output_grads, grad_scale)
         self._masks = masks
+        #: Per use, ``(n, T)`` factors of ``g`` (per-position sample weights) or None.
+        self._g_scales = g_scales or [None] * len(masks)
+
+    def _rows(self):
+        return tf.reduce_max([tf.shape(self.block.activations(x))[0] for x in self._inputs])
+
+    def _padded(self, parts, masks):
+        rows = self._rows()
+        out = []
+        for x, m in zip(parts, masks):
+            if m is not None:
+                x = x * m[..., None]
+            pad = rows - tf.shape(x)[0]
+            out.append(
+                tf.pad(x, tf.concat([[[0, pad]], tf.zeros([x.shape.rank - 1, 2], tf.int32)], 0))
+            )
+        return out[0] if len(out) == 1 else tf.concat(out, axis=1)
 
     def a(self):
-        parts = [
-            self._masked(self.block.activations(x), m) for x, m in zip(self._inputs, self._masks)
-        ]
-        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
+        return self._padded([self.block.activations(x) for x in self._inputs], self._masks)
 
     def g(self):
         parts = [
-            self._masked(self.block.output_gradients(d), m)
-            for d, m in zip(self._output_grads, self._masks)
+            self.block.output_gradients(d) * (1.0 if c is None else c[..., None])
+            for d, c in zip(self._output_grads, self._g_scales)
         ]
-        g = parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
-        return g * tf.cast(self._grad_scale, tf.float32)
+        return self._padded(parts, self._masks) * tf.cast(self._grad_scale, tf.float32)
 
     def location_mask(self):
         parts = [
             tf.ones(tf.shape(self.block.activations(x))[:2]) if m is None else m
             for x, m in zip(self._inputs, self._masks)
         ]
-        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
-
-    @staticmethod
-    def _masked(x, mask):
-        return x if mask is None else x * mask[..., None]
+        rows = self._rows()
+        padded = [tf.pad(m, [[0, rows - tf.shape(m)[0]], [0, 0]]) for m in parts]
+        return padded[0] if len(padded) == 1 else tf.concat(padded, axis=1)
 
 
-def _layer_batch(block, inputs, grads, scale, masks):
+def _same_batch_size(inputs):
+    """True when every use's batch size is statically known and equal."""
+    sizes = {tf.nest.flatten(x)[0].shape[0] for x in inputs}
+    return len(sizes) == 1 and None not in sizes
+
+
+def _layer_batch(block, inputs, grads, scale, masks, g_scales=None):
     masks = [_location_mask(block, x, m) for x, m in zip(inputs, masks)]
-    if all(m is None for m in masks):
+    if (
+        all(m is None for m in masks)
+        and not any(c is not None for c in g_scales or [])
+        and (len(inputs) == 1 or _same_batch_size(inputs))
+    ):
         return LayerBatch(block, inputs, grads, scale)
-    return _MaskedBatch(block, inputs, grads, scale, masks)
+    return _MaskedBatch(block, inputs, grads, scale, masks, g_scales)
 
 
 def _sample_weight(record):
-    """The per-example weights ``(n,)`` given to ``compute_loss`` (sample
-    or class weights), or None."""
+    """The weights given to ``compute_loss`` (sample or class weights):
+    ``(n,)`` per example or ``(n, T)`` per sequence position; None when
+    absent or of another layout (a dict of per-output weights)."""
     weight = None if record.loss_args is None else record.loss_args[2]
     if weight is None or not tf.is_tensor(weight) and not hasattr(weight, "shape"):
         return None
-    weight = tf.convert_to_tensor(weight)
-    if (
-        weight.shape.rank is None
-        or weight.shape.rank > 2
-        or (weight.shape.rank == 2 and weight.shape[1] != 1)
-    ):
-        return None  # per-position weights: see _output_weights
-    return tf.reshape(tf.cast(weight, tf.float32), (-1,))
+    weight = tf.cast(tf.convert_to_tensor(weight), tf.float32)
+    if weight.shape.rank == 2 and weight.shape[1] == 1:
+        return tf.reshape(weight, (-1,))
+    return weight if weight.shape.rank in (1, 2) else None
+
+
+def _inverse_root(weight):
+    """``1 / sqrt(w)`` (0 where ``w <= 0``): recorded gradients carry ``w``
+    linearly; the Fisher of the weighted loss weights ``g g^T`` by ``w``."""
+    return tf.math.divide_no_nan(1.0, tf.sqrt(tf.maximum(weight, 0.0)))
+
+
+def _weight_gradients(block, inputs, grads, weight):
+    """``(grads, g_scales)`` of one block's uses under the sample weight.
+
+    Per example ``(n,)``: each gradient is divided by ``sqrt(w_i)``. Per
+    position ``(n, T)``: a use whose locations are the ``T`` positions (a
+    Dense or recurrent layer on the sequence) has ``g`` at location ``t``
+    divided by ``sqrt(w_it)``, as the per-position losses weight it; a use
+    with other locations (before pooling, conv patches) sees a mix of the
+    positions' losses and takes the example's mean weight."""
+    if weight is None:
+        return grads, [None] * len(grads)
+    if weight.shape.rank == 1:
+        return [_per_example(tf.multiply, g, _inverse_root(weight)) for g in grads], [None] * len(
+            grads
+        )
+    per_example = _inverse_root(tf.reduce_mean(weight, axis=1))
+    out, scales = [], []
+    for x, g in zip(inputs, grads):
+        if block.activations(x).shape[1] == weight.shape[1]:
+            out.append(g)
+            scales.append(_inverse_root(weight))
+        else:
+            out.append(_per_example(tf.multiply, g, per_example))
+            scales.append(None)
+    return out, scales
 
 
 def _output_weights(record, output):
@@ -518,11 +576,7 @@ class Capture:
         keys = [id(block.layer) for block in blocks]
         if sampled_losses is None:
             uses = record.latest_uses(set(keys))
-            # Recorded gradients carry the sample weight w_i linearly; the
-            # Fisher of the weighted loss weights g_i g_i^T by w_i, so g_i is
-            # divided by sqrt(w_i) (zero-weight examples give zero).
             weight = _sample_weight(record)
-            root = None if weight is None else tf.sqrt(tf.maximum(weight, 0.0))
             batches = []
             for block, key in zip(blocks, keys):
                 if not uses[key]:
@@ -530,14 +584,14 @@ class Capture:
                     continue
                 inputs = [record.inputs[key][i] for i in uses[key]]
                 grads = [record.output_grads[key][i] for i in uses[key]]
-                if root is not None:
-                    grads = [_per_example(tf.math.divide_no_nan, g, root) for g in grads]
-                n = tf.cast(tf.shape(inputs[0])[0], tf.float32)
+                grads, g_scales = _weight_gradients(block, inputs, grads, weight)
+                # The examples: the largest use (see _MaskedBatch).
+                n = tf.cast(tf.reduce_max([tf.shape(x)[0] for x in inputs]), tf.float32)
                 if replicas is not None:
                     n = n * replicas.num_replicas
                 scale = n if loss_scale is None else n / loss_scale
                 masks = [record.masks[key][i] for i in uses[key]]
-                batches.append(_layer_batch(block, inputs, grads, scale, masks))
+                batches.append(_layer_batch(block, inputs, grads, scale, masks, g_scales))
             return batches
         if record.tape is None:
             raise ValueError(

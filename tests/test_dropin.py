@@ -418,3 +418,81 @@ def test_masked_positions_are_left_out_of_the_statistics():
     np.testing.assert_allclose(
         opt.curvature_for("per_position").g.numpy(), expected_g, rtol=1e-4, atol=1e-9
     )
+
+
+def _sequence_problem(seed=0, n=6, t=4):
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, t, 3)).astype("float32")
+    y = rng.integers(0, 3, (n, t))
+    w = (rng.random((n, t)) * 2).astype("float32")
+    w[0, 2:] = 0.0  # padding-like zero weights
+    inputs = keras.Input((t, 3))
+    h = keras.layers.Dense(4, activation="tanh", name="hidden")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="out")(h))
+    return model, x, y, w
+
+
+def test_per_position_sample_weight_weights_the_empirical_statistics():
+    """sample_weight (n, T) on a per-position loss: G of a layer whose
+    locations are the positions is ``(1/(nT)) sum_it w_it g_it g_it^T`` with
+    ``g_it`` the unweighted per-example loss's gradient (Keras's loss is
+    ``sum_it w_it l_it / (nT)``, so the example's loss is ``mean_t l_it`` and
+    ``g_it`` is ``1/T`` times the position's gradient that ``layer_ag`` gives)."""
+    model, x, y, w = _sequence_problem()
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    n, t = y.shape
+    opt = one_step_factors(
+        model, x, y, loss, sample_weight=w, curvature_options={"weight_sharing": "expand"}
+    )
+    for name in ("hidden", "out"):
+        _, g = layer_ag(model, model.get_layer(name), x, y, loss)  # unweighted, lr 0
+        g = g / t
+        expected = np.einsum("nt,nti,ntj->ij", w, g, g) / (n * t)
+        np.testing.assert_allclose(
+            opt.curvature_for(name).g.numpy(), expected, rtol=1e-4, atol=1e-8
+        )
+
+
+@pytest.mark.parametrize("kind", ["sample_weight", "class_weight", "per_position"])
+def test_sampled_fisher_weighting_matches_the_weighted_ggn(kind):
+    """fisher="sampled": G of the output layer is a Monte Carlo estimate of
+    ``E_y[g g^T]`` = the weighted GGN ``(1/(nT)) sum w (diag p - p p^T) / T``
+    (softmax cross-entropy; the example's loss ``mean_t l_t`` has Hessian
+    ``(1/T) sum_t H_t``, so the sampled per-position gradient carries
+    ``1/sqrt(T)``). The batch repeats each example 400 times, so the
+    estimate is within a few percent."""
+    reps = 400
+    if kind == "per_position":
+        model, x, y, w = _sequence_problem()
+        fit_kw = {"sample_weight": np.tile(w, (reps, 1))}
+    else:
+        keras.utils.set_random_seed(0)
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(12, 1, 5)).astype("float32")
+        y = rng.integers(0, 3, (12, 1))
+        model = keras.Sequential([keras.Input((1, 5)), keras.layers.Dense(3, name="out")])
+        class_weight = {0: 0.5, 1: 2.0, 2: 0.0}
+        if kind == "sample_weight":
+            w = (rng.random((12, 1)) * 2).astype("float32")
+            fit_kw = {"sample_weight": np.tile(w[:, 0], reps)}
+        else:
+            w = np.array([[class_weight[c]] for c in y[:, 0]], "float32")
+            fit_kw = {"class_weight": class_weight}
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    opt = keras_kfac.KFAC(
+        learning_rate=0.0,
+        stats_every=1,
+        stats_decay=0.0,
+        fisher="sampled",
+        curvature_options={"weight_sharing": "expand"},
+    )
+    model.compile(optimizer=opt, loss=loss)
+    xs, ys = np.tile(x, (reps, 1, 1)), np.tile(y, (reps,) + (1,) * (y.ndim - 1))
+    model.fit(xs, ys, batch_size=len(xs), epochs=1, verbose=0, shuffle=False, **fit_kw)
+    p = tf.nn.softmax(model(x)).numpy()  # lr 0: the weights did not move
+    t = p.shape[1]
+    hessian = np.einsum("nti,ij->ntij", p, np.eye(3)) - np.einsum("nti,ntj->ntij", p, p)
+    expected = np.einsum("nt,ntij->ij", w, hessian) / (len(x) * t) / t
+    got = opt.curvature_for("out").g.numpy()
+    assert np.linalg.norm(got - expected) < 0.06 * np.linalg.norm(expected)

@@ -117,8 +117,9 @@ def test_multi_head_attention_projections_found_and_exact():
     for layer in einsum:
         block = block_for_layer(layer, model=model)
         assert block is not None, unsupported_reason(layer)
-        # Per-token loss? No: the output is flattened, so auto picks reduce.
-        assert block.weight_sharing == "reduce"
+        # The output is flattened (not pooled) before the loss: auto picks
+        # expand (see test_auto_weight_sharing_tells_flatten_from_pooling).
+        assert block.weight_sharing == "expand"
         a, g = layer_ag(model, layer, x, y, LOSS)
         u = per_example_gradients(model, layer, x, y, LOSS).numpy()
         # key and value are both called on the same input: still one use each.
@@ -150,14 +151,14 @@ def expect_step(model, layer, x, y, damped):
 
 # Every mode with the default weight sharing, the other one in graph mode.
 @pytest.mark.parametrize(
-    "mode,sharing", [("graph", "auto"), ("eager", "auto"), ("xla", "auto"), ("graph", "expand")]
+    "mode,sharing", [("graph", "auto"), ("eager", "auto"), ("xla", "auto"), ("graph", "reduce")]
 )
 def test_einsum_dense_one_step(mode, sharing):
     model, layer, x, y = einsum_problem(*EQUATIONS[1])
     opt = compiled(model, mode, weight_sharing=sharing)
     a, g = layer_ag(model, layer, x, y, LOSS)
-    # Flatten before the loss: auto is reduce.
-    resolved = "reduce" if sharing == "auto" else "expand"
+    # Flatten before the loss: auto is expand.
+    resolved = "expand" if sharing == "auto" else sharing
     A, G = reference_factors(a.astype(np.float64), g.astype(np.float64), resolved)
     expect_step(model, layer, x, y, factored_damped(A, G, DAMPING))
     assert (
@@ -233,6 +234,18 @@ def test_weight_sharing_option_per_layer_and_validation():
         block_for_layer(layer, model=model, weight_sharing="mean")
     with pytest.raises(ValueError, match="default"):
         block_for_layer(layer, model=model, weight_sharing={"other": "reduce"})
+
+
+@pytest.mark.parametrize("head, expected", [("flatten", "expand"), ("pooling", "reduce")])
+def test_auto_weight_sharing_tells_flatten_from_pooling(head, expected):
+    """Flatten keeps each position's features apart (the next layer weights
+    them separately): expand approximates that Fisher block better (see
+    ``layers.base._flattened_after``); pooling is reduce's exact setting."""
+    inputs = keras.Input((6, 3))
+    h = keras.layers.Dense(5, activation="tanh", name="target")(inputs)
+    h = keras.layers.Flatten()(h) if head == "flatten" else keras.layers.GlobalAveragePooling1D()(h)
+    model = keras.Model(inputs, keras.layers.Dense(4)(h))
+    assert block_for_layer(model.get_layer("target"), model=model).weight_sharing == expected
 
 
 # --- Embedding -----------------------------------------------------------------
@@ -364,6 +377,42 @@ def test_size_guard_on_a_vgg16_sized_dense_by_default():
     fc_line = next(line for line in text.splitlines() if line.startswith("fc"))
     assert "diag(A)xG" in fc_line
     assert max(np.prod(v.shape) for v in opt.variables) <= 25089 * 8
+
+
+def _structures(model, **options):
+    opt = keras_kfac.KFAC(model=model, fisher="empirical", curvature_options=options or None)
+    text = opt.summary(print_fn=lambda s: None)
+    return {
+        name: next(line for line in text.splitlines() if line.startswith(name))
+        .split()[-1]
+        .split(",")[0]
+        for name in ("wide", "tall", "head", "conv")
+    }
+
+
+def test_size_guard_ratio_keeps_factors_far_larger_than_the_layer_diagonal():
+    # The conditional GAN's shapes, scaled down: a Dense whose G (2100) is
+    # > 32x its A (65), a Conv2D whose A (7*7*43 + 1 = 2108) is > 32x its G
+    # (1); an MNIST-convnet-like head (1601 x 10) is under the 2048 floor.
+    inputs = keras.Input((64,))
+    h = keras.layers.Dense(2100, name="wide")(inputs)
+    h = keras.layers.Reshape((10, 10, 21))(h)
+    h = keras.layers.Conv2D(43, 1, name="tall")(h)
+    h = keras.layers.Conv2D(1, 7, padding="same", name="conv")(h)
+    h = keras.layers.Dense(1601)(keras.layers.Flatten()(h))
+    model = keras.Model(inputs, keras.layers.Dense(10, name="head")(h))
+    assert _structures(model) == {
+        "wide": "Axdiag(G)",
+        "tall": "AxG",
+        "conv": "diag(A)xG",
+        "head": "AxG",
+    }
+    off = _structures(model, max_factor_ratio=None)
+    assert set(off.values()) == {"AxG"}
+    per_layer = _structures(model, max_factor_ratio={"conv": None, "default": 32})
+    assert per_layer["conv"] == "AxG" and per_layer["wide"] == "Axdiag(G)"
+    with pytest.raises(ValueError, match="max_factor_ratio must be a positive number"):
+        _structures(model, max_factor_ratio=0)
 
 
 def test_eigen_damping_with_diagonal_factor_is_exact_inverse():

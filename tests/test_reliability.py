@@ -379,6 +379,60 @@ def test_layer_called_twice_accumulates_statistics_over_both_uses():
     np.testing.assert_allclose(flat_params(shared) - theta, expected, rtol=2e-3, atol=1e-6)
 
 
+class _TwoBatchSizes(keras.Model):
+    """A shared Dense called on ``x`` and on ``x[:k]`` in one forward pass."""
+
+    def __init__(self, k):
+        super().__init__(name="two_batch_sizes")
+        self.k = k
+        self.shared = keras.layers.Dense(6, activation="tanh", name="shared")
+        self.out = keras.layers.Dense(3, name="out")
+
+    def call(self, x):
+        part = self.shared(x[: self.k])[:, :3]
+        pad = tf.shape(x)[0] - tf.shape(part)[0]
+        return self.out(self.shared(x)) + tf.pad(part, [[0, pad], [0, 0]])
+
+
+@pytest.mark.parametrize("k, eager", [(2, True), (2, False), (6, False)])
+def test_layer_called_on_different_batch_sizes_in_one_step(k, eager):
+    """Uses on ``x`` (n rows) and ``x[:k]``: the smaller use's rows are extra
+    locations of the first k examples: ``A = (1/n) sum a a^T`` over both uses,
+    ``G`` averaged over the ``n + k`` real locations. Graph mode has a dynamic
+    batch size (the padded path even for k = n)."""
+    keras.utils.set_random_seed(0)
+    n = 6
+    x, y = classification_data(n=n)
+    model = _TwoBatchSizes(k)
+    model(x[:1])
+    shared = model.shared
+    lr, damping = 0.1, 0.05
+    opt = exact_one_step(lr, damping)
+    model.compile(optimizer=opt, loss=SCCE, run_eagerly=eager)
+    W, b = shared.kernel.numpy(), shared.bias.numpy()
+    with tf.GradientTape() as tape:
+        s1 = tf.constant(x) @ W + b
+        s2 = tf.constant(x[:k]) @ W + b
+        tape.watch([s1, s2])
+        part = tf.pad(tf.tanh(s2)[:, :3], [[0, n - k], [0, 0]])
+        logits = model.out(tf.tanh(s1)) + part
+        total = tf.reduce_sum(
+            keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        )
+    g1, g2 = [g.numpy() for g in tape.gradient(total, [s1, s2])]
+    a1, a2 = np.hstack([x, np.ones((n, 1))]), np.hstack([x[:k], np.ones((k, 1))])
+    A = (a1.T @ a1 + a2.T @ a2) / n
+    G = (g1.T @ g1 + g2.T @ g2) / (n + k)
+    grad = ((a1.T @ g1 + a2.T @ g2) / n).ravel()
+    theta = flat_params(shared)
+    model.fit(x, y, batch_size=n, epochs=1, verbose=0, shuffle=False)
+    curvature = opt.curvature_for(shared)
+    np.testing.assert_allclose(curvature.a.numpy(), A, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(curvature.g.numpy(), G, rtol=1e-4, atol=1e-7)
+    expected = -lr * np.linalg.solve(factored_damped(A, G, damping), grad)
+    np.testing.assert_allclose(flat_params(shared) - theta, expected, rtol=2e-3, atol=1e-6)
+
+
 def test_frozen_layer_is_skipped_and_stays_fixed():
     keras.utils.set_random_seed(0)
     x, y = classification_data()

@@ -119,8 +119,9 @@ def fortunes_text():
     )
 
 
-def report(loss, metric_name, metric, higher_is_better):
-    """Print the result line: final training loss, main metric, wall time since import."""
+def report(loss, metric_name, metric, higher_is_better, extra=None):
+    """Print the result line: final training loss, main metric, wall time since import;
+    ``extra``: other numbers worth showing next to them, ``{name: value}``."""
 
     def number(v):
         v = float(v)
@@ -133,6 +134,7 @@ def report(loss, metric_name, metric, higher_is_better):
         "metric_name": metric_name,
         "metric": number(metric),
         "higher_is_better": bool(higher_is_better),
+        "extra": {name: number(v) for name, v in (extra or {}).items()},
         "seconds": round(time.perf_counter() - _START, 2),
     }
     print(RESULT_TAG, json.dumps(result), flush=True)

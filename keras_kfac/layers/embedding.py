@@ -70,6 +70,22 @@ class EmbeddingBlock(LayerBlock):
         if not batch.inputs:  # already gathered a (multi-replica statistics)
             return super().diagonal_factor_a(batch)
         parts = [self._ids(x) for x in batch.inputs]
+        if len(parts) > 1:
+            # Ids are counted per example, so every use must cover the same
+            # examples (other blocks pad a smaller use, see capture._MaskedBatch).
+            sizes = tf.stack([tf.shape(p)[0] for p in parts])
+            with tf.control_dependencies(
+                [
+                    tf.debugging.assert_equal(
+                        sizes,
+                        sizes[0],
+                        message=f"Embedding {self.layer.name!r} is called on batches of "
+                        "different sizes in one step; K-FAC's statistics for it need every "
+                        "call on the same examples. Call it once on the concatenated ids.",
+                    )
+                ]
+            ):
+                parts = [tf.identity(p) for p in parts]
         ids = parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
         n = tf.cast(tf.shape(ids)[0], tf.float32)
         if self.weight_sharing == "reduce":
