@@ -111,6 +111,11 @@ class StepRecord:
         #: step (None in loops that do not call it); used by the quadratic
         #: model of :mod:`keras_kfac.quadratic` to re-evaluate the batch loss.
         self.loss_args = None
+        #: The model's non-trainable values (dropout seeds, normalization
+        #: statistics) when this step's training forward pass began, so
+        #: that the quadratic model re-runs the batch with the step's own
+        #: dropout masks (the pass itself advances the seeds).
+        self.state = None
 
     def add_use(self, key, inputs, s, mask):
         self.inputs[key].append(inputs)
@@ -527,6 +532,7 @@ class Capture:
     def _model_call(self, original, *args, **kwargs):
         if _is_symbolic(args) or not self._records():
             return original(*args, **kwargs)
+        state = [tf.identity(v.value) for v in self._model_ref().non_trainable_variables]
         if self.sampled is False:
             record = self.current() or self._new_record()
             outputs = original(*args, **kwargs)
@@ -541,6 +547,8 @@ class Capture:
                     outputs = original(*args, **kwargs)
             finally:
                 record.tape_active = False
+        if record.state is None:
+            record.state = state
         record.outputs = outputs
         return outputs
 

@@ -52,7 +52,7 @@ def batch_objective(model, capture, record):
     step did not call ``model.compute_loss`` (see :func:`require`)."""
     if record is None or record.loss_args is None:
         return None
-    return BatchObjective(model, capture, record.loss_args)
+    return BatchObjective(model, capture, record.loss_args, record.state)
 
 
 def require(objective):
@@ -78,16 +78,25 @@ class BatchObjective:
         capture: its :class:`keras_kfac.capture.Capture` (paused during the
             passes so they are not recorded as the step's statistics).
         loss_args: ``(x, y, sample_weight)`` recorded from ``compute_loss``.
+        state: the non-trainable values when the step's forward pass began
+            (``StepRecord.state``); None: their current values.
     """
 
-    def __init__(self, model, capture, loss_args):
+    def __init__(self, model, capture, loss_args, state=None):
         self.model = model
         self.capture = capture
         self.x, self.y, self.sample_weight = loss_args
         self.trainable = list(model.trainable_variables)
         self.non_trainable = list(model.non_trainable_variables)
-        # One snapshot of the non-trainable state: every pass uses it.
-        self.state = [tf.identity(v.value) for v in self.non_trainable]
+        # One snapshot of the non-trainable state: every pass uses it. The
+        # one from before the training pass gives the passes the gradient's
+        # dropout masks; a later one would give other masks, and the model
+        # (rho, adaptive_step) would then pair the step's gradient with
+        # another batch objective: on a Dropout(0.5) MLP rho fell from ~1 to
+        # 0.1-0.2 (benchmarks/results/defaults.md).
+        if state is None:
+            state = [tf.identity(v.value) for v in self.non_trainable]
+        self.state = list(state)
 
     def _mapping(self, values):
         return list(zip(self.trainable, values)) + list(zip(self.non_trainable, self.state))

@@ -210,3 +210,51 @@ def test_adaptive_step_needs_compute_loss_in_custom_loops():
     grads = tape.gradient(loss, model.trainable_variables)
     opt.apply_gradients(zip(grads, model.trainable_variables))
     assert float(opt.diagnostics()["alpha"]) > 0.0
+
+
+def test_quadratic_model_reuses_the_steps_dropout_masks():
+    """The batch objective of the quadratic model (rho, adaptive_step) is the
+    loss the step's gradient came from: with Dropout, its passes must use
+    the training pass's masks, not those of the next seeds."""
+    import tensorflow as tf
+
+    from keras_kfac import quadratic
+    from keras_kfac.capture import Capture
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dropout(0.5),
+            keras.layers.Dense(3),
+        ]
+    )
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(32, 6)).astype("float32"))
+    y = tf.constant(rng.integers(0, 3, size=32))
+    capture = Capture(model, sampled=True)
+
+    @tf.function
+    def run():
+        with tf.GradientTape() as tape:
+            loss = model.compute_loss(x, y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        objective = quadratic.require(quadratic.batch_objective(model, capture, capture.current()))
+        values = objective.current_values()
+        with tf.GradientTape() as tape:
+            tape.watch(values)
+            replayed = objective.loss(values)
+        # The next training pass draws new masks: dropout is active.
+        fresh = model.compute_loss(x, y, model(x, training=True))
+        return loss, replayed, fresh, grads, tape.gradient(replayed, values)
+
+    try:
+        loss, replayed, fresh, grads, replayed_grads = run()
+    finally:
+        capture.remove()
+    assert abs(float(fresh) - float(loss)) > 1e-3
+    np.testing.assert_allclose(float(replayed), float(loss), rtol=1e-5)
+    for g, r in zip(grads, replayed_grads):
+        np.testing.assert_allclose(r.numpy(), g.numpy(), rtol=1e-4, atol=1e-6)

@@ -70,3 +70,36 @@ def test_panel_quick_mode(tmp_path):
         command + ["--tasks", "mlp,nosuch"], env=env, capture_output=True, text=True, timeout=120
     )
     assert bad.returncode != 0 and "unknown panel task(s) nosuch" in bad.stderr
+
+
+def test_defaults_table_quick_mode(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    out = tmp_path / "defaults_quick.md"
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "defaults.py"),
+            "--quick",
+            "--tasks",
+            "MLP",
+            "--candidates",
+            "kfac()",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads((tmp_path / "defaults_quick.json").read_text())["MNIST MLP dropout"]
+    assert set(runs) == {"adam lr=0.001", "adam lr=0.003", "kfac()"}
+    for run in runs.values():
+        # Probe losses at 1/4, 1/2 and all of the 8 quick steps.
+        assert sorted(int(k) for k in run["losses"]) == [2, 4, 8]
+        assert all(0 < v < 10 for v in run["losses"].values())
+        assert run["median_ms"] > 0
+    table = out.read_text()
+    assert "| MNIST MLP dropout | 8 | adam lr=" in table and "(1.0x)" in table
