@@ -19,6 +19,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -534,32 +535,26 @@ def suite_overhead(args):
         if method != "kfac":
             configs.append((f"{method} (defaults)", lambda m=method: keras_kfac.KFAC(curvature=m)))
     configs = [c for c in configs if not args.optimizers or any(p in c[0] for p in args.optimizers)]
-    rows = []
+    models, optimizers = {}, {}
     for label, make in configs:
-        load_before = os.getloadavg()[0]
-        model = autoencoder("sigmoid")
-        opt = make()
-        model.compile(optimizer=opt, loss=make_loss())
-        logger = BudgetLogger(1e9, 1e9, lambda: {}, max_steps=steps + 1)
-        model.fit(
-            x, x, batch_size=args.batch, epochs=1, shuffle=False, verbose=0, callbacks=[logger]
-        )
-        state, weights = optimizer_state_floats(opt, model)
-        summary = logger.summary()
+        optimizers[label] = make()
+        models[label] = autoencoder("sigmoid")
+        models[label].compile(optimizer=optimizers[label], loss=make_loss())
+    rounds = 1 if args.quick else 4
+    timing = interleaved_step_ms(models, x, args.batch, rounds, steps // rounds)
+    rows = []
+    for label, model in models.items():
+        state, weights = optimizer_state_floats(optimizers[label], model)
+        mean, median, load, _ = timing[label]
         rows.append(
             {
                 "run": label,
-                "median_step_ms": summary["median_step_ms"],
-                "mean_step_ms": summary["mean_step_ms"],
+                "median_step_ms": median,
+                "mean_step_ms": mean,
                 "state_floats": state,
                 "weights": weights,
-                "load": [load_before, os.getloadavg()[0]],
+                "load": load,
             }
-        )
-        print(
-            f"{label:<44} {summary['mean_step_ms']:8.1f} ms/step amortized  "
-            f"state/weights={state / weights:6.2f}  load {load_before:.1f}",
-            flush=True,
         )
     adam = rows[0]["mean_step_ms"]
     name = f"overhead_autoencoder_batch{args.batch}" + args.tag + ("_quick" if args.quick else "")
@@ -567,7 +562,9 @@ def suite_overhead(args):
         f"### Step overhead, MNIST autoencoder, batch {args.batch}",
         "",
         f"`python benchmarks/run.py {' '.join(sys.argv[1:])}` on {machine()}; {steps} steps "
-        "after the compiled one (amortized = mean, including statistics and refresh steps).",
+        f"after the compiled one, in {rounds} rounds in which the optimizers take turns "
+        "(amortized = mean, including statistics and refresh steps; load: the 1-minute load "
+        "average over the optimizer's rounds).",
         "",
         "| optimizer | ms/step median | ms/step amortized | x Adam (amortized) "
         "| optimizer state / model size | load (1 min) |",
@@ -590,17 +587,23 @@ def suite_overhead(args):
 
 
 def interleaved_step_ms(models, x, batch, rounds, steps):
-    """Per model, the mean ms/step over ``rounds`` fits of ``steps`` steps
-    each, the models taking turns (so that a change of the machine's load
-    hits them alike); one compiling step first, untimed. Means amortize the
-    statistics and refresh steps."""
+    """Per model, ``(mean, median, [min, max] load, first step s)`` of its
+    ms/step over
+    ``rounds`` fits of ``steps`` steps each, the models taking turns (so
+    that a change of the machine's load hits them alike); one compiling
+    step first, untimed. Means amortize the statistics and refresh steps."""
     times = {label: [] for label in models}
-    for model in models.values():
+    loads = {label: [] for label in models}
+    compile_s = {}
+    for label, model in models.items():
+        start = time.perf_counter()
         model.fit(x[:batch], x[:batch], batch_size=batch, epochs=1, verbose=0)
+        compile_s[label] = time.perf_counter() - start
     for r in range(rounds):
-        chunk = x[r * steps * batch : (r + 1) * steps * batch]
+        chunk = x[(r * steps + 1) * batch : ((r + 1) * steps + 1) * batch]
         for label, model in models.items():
             logger = BudgetLogger(1e9, 1e9, lambda: {})
+            loads[label].append(os.getloadavg()[0])
             model.fit(
                 chunk,
                 chunk,
@@ -610,8 +613,17 @@ def interleaved_step_ms(models, x, batch, rounds, steps):
                 verbose=0,
                 callbacks=[logger],
             )
+            loads[label].append(os.getloadavg()[0])
             times[label] += [logger.first_step_seconds] + logger.step_times
-    return {label: 1000 * statistics.mean(t) for label, t in times.items()}
+    return {
+        label: (
+            1000 * statistics.mean(t),
+            1000 * statistics.median(t),
+            [min(loads[label]), max(loads[label])],
+            compile_s[label],
+        )
+        for label, t in times.items()
+    }
 
 
 def suite_xla(args):
@@ -633,6 +645,35 @@ def suite_xla(args):
     if args.quick:
         runs = [(0.25 if w == 1.0 else w, label, make) for w, label, make in runs]
     runs = [r for r in runs if not args.optimizers or any(p in r[1] for p in args.optimizers)]
+
+    def write():
+        name = f"xla_batch{args.batch}" + args.tag + ("_quick" if args.quick else "")
+        lines = [
+            f"### XLA against graph steps on CPU, MNIST autoencoder, batch {args.batch}",
+            "",
+            f"`python benchmarks/run.py {' '.join(sys.argv[1:])}` on {machine()}; "
+            f"{rounds} x {steps} steps per mode after the compiled one, graph and XLA taking turns "
+            "(amortized: mean over statistics and refresh steps). Width x0.25: hidden widths "
+            "250-125-62-30 mirrored.",
+            "",
+            "| optimizer | width | graph ms/step | XLA ms/step | XLA / graph "
+            "| first step s (trace, compile): graph / XLA | load (1 min) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in rows:
+            lines.append(
+                f"| {row['run']} | x{row['width']:g} | {row['graph_ms']:.0f} | {row['xla_ms']:.0f} | "
+                f"{row['xla_ms'] / row['graph_ms']:.2f} | {row['graph_first_step_s']:.0f} / "
+                f"{row['xla_first_step_s']:.0f} | {row['load'][0]:.1f}-{row['load'][1]:.1f} |"
+            )
+        md = "\n".join(lines) + "\n"
+        os.makedirs(RESULTS, exist_ok=True)
+        with open(os.path.join(RESULTS, name + ".json"), "w") as f:
+            json.dump({"batch": args.batch, "machine": machine(), "rows": rows}, f, indent=1)
+        with open(os.path.join(RESULTS, name + ".md"), "w") as f:
+            f.write(md)
+        print(md)
+
     rows = []
     for width, label, make in runs:
         load_before = os.getloadavg()[0]
@@ -641,12 +682,15 @@ def suite_xla(args):
             model = autoencoder("sigmoid", width=width)
             model.compile(optimizer=make(), loss=make_loss(), jit_compile=jit)
             models["xla" if jit else "graph"] = model
-        ms = interleaved_step_ms(models, x, args.batch, rounds, steps)
+        timing = interleaved_step_ms(models, x, args.batch, rounds, steps)
+        ms = {mode: timing[mode][0] for mode in timing}
         row = {
             "run": label,
             "width": width,
             "graph_ms": ms["graph"],
             "xla_ms": ms["xla"],
+            "graph_first_step_s": timing["graph"][3],
+            "xla_first_step_s": timing["xla"][3],
             "load": [load_before, os.getloadavg()[0]],
         }
         rows.append(row)
@@ -655,30 +699,7 @@ def suite_xla(args):
             f"  load {row['load'][0]:.1f}-{row['load'][1]:.1f}",
             flush=True,
         )
-    name = f"xla_batch{args.batch}" + args.tag + ("_quick" if args.quick else "")
-    lines = [
-        f"### XLA against graph steps on CPU, MNIST autoencoder, batch {args.batch}",
-        "",
-        f"`python benchmarks/run.py {' '.join(sys.argv[1:])}` on {machine()}; "
-        f"{rounds} x {steps} steps per mode after the compiled one, graph and XLA taking turns "
-        "(amortized: mean over statistics and refresh steps). Width x0.25: hidden widths "
-        "250-125-62-30 mirrored.",
-        "",
-        "| optimizer | width | graph ms/step | XLA ms/step | XLA / graph | load (1 min) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['run']} | x{row['width']:g} | {row['graph_ms']:.0f} | {row['xla_ms']:.0f} | "
-            f"{row['xla_ms'] / row['graph_ms']:.2f} | {row['load'][0]:.1f}-{row['load'][1]:.1f} |"
-        )
-    md = "\n".join(lines) + "\n"
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, name + ".json"), "w") as f:
-        json.dump({"batch": args.batch, "machine": machine(), "rows": rows}, f, indent=1)
-    with open(os.path.join(RESULTS, name + ".md"), "w") as f:
-        f.write(md)
-    print(md)
+        write()  # after every row: a long run leaves a partial table
 
 
 SUITES = {
