@@ -5,6 +5,7 @@ command; results (JSON, CSV, PNG, Markdown) go to ``benchmarks/results/``.
     python benchmarks/run.py autoencoder --relu     # the ReLU variant
     python benchmarks/run.py convnet --batch 128    # Fashion-MNIST convnet
     python benchmarks/run.py overhead --batch 1000  # time per step / memory per method
+    python benchmarks/run.py xla                    # XLA against graph steps, every method
     python benchmarks/run.py vit                    # small ViT on Fashion-MNIST
     python benchmarks/run.py charlm                 # character-level Transformer LM
     python benchmarks/run.py panel                  # every task against tuned baselines
@@ -20,6 +21,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -42,14 +44,17 @@ ALL_METHODS = keras_kfac.curvature.available()
 # --- models ------------------------------------------------------------------
 
 
-def autoencoder(activation, seed=0):
+def autoencoder(activation, seed=0, width=1.0):
+    """The deep autoencoder 784-1000-500-250-30 mirrored (``width`` scales
+    the three outer hidden widths)."""
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((PIXELS,))
     h = inputs
-    for units in (1000, 500, 250):
+    hidden = [max(1, round(units * width)) for units in (1000, 500, 250)]
+    for units in hidden:
         h = keras.layers.Dense(units, activation=activation)(h)
     h = keras.layers.Dense(30)(h)
-    for units in (250, 500, 1000):
+    for units in reversed(hidden):
         h = keras.layers.Dense(units, activation=activation)(h)
     return keras.Model(inputs, keras.layers.Dense(PIXELS)(h))
 
@@ -546,7 +551,10 @@ def suite_overhead(args):
     steps = 6 if args.quick else args.steps
     needed = args.batch * (steps + 1)
     x = np.concatenate([x] * -(-needed // len(x)))[:needed]  # repeat MNIST for long runs
-    configs = [("adam", lambda: keras.optimizers.Adam(1e-3))]
+    configs = [
+        ("adam lr=0.001", lambda: keras.optimizers.Adam(1e-3)),
+        ("kfac (defaults)", lambda: keras_kfac.KFAC()),
+    ]
     for stats_every in (1, 10):
         for inverse_every in (20, 100):
             configs.append(
@@ -561,30 +569,26 @@ def suite_overhead(args):
         if method != "kfac":
             configs.append((f"{method} (defaults)", lambda m=method: keras_kfac.KFAC(curvature=m)))
     configs = [c for c in configs if not args.optimizers or any(p in c[0] for p in args.optimizers)]
-    rows = []
+    models, optimizers = {}, {}
     for label, make in configs:
-        model = autoencoder("sigmoid")
-        opt = make()
-        model.compile(optimizer=opt, loss=make_loss())
-        logger = BudgetLogger(1e9, 1e9, lambda: {}, max_steps=steps + 1)
-        model.fit(
-            x, x, batch_size=args.batch, epochs=1, shuffle=False, verbose=0, callbacks=[logger]
-        )
-        state, weights = optimizer_state_floats(opt, model)
-        summary = logger.summary()
+        optimizers[label] = make()
+        models[label] = autoencoder("sigmoid")
+        models[label].compile(optimizer=optimizers[label], loss=make_loss())
+    rounds = 1 if args.quick else 4
+    timing = interleaved_step_ms(models, x, args.batch, rounds, steps // rounds)
+    rows = []
+    for label, model in models.items():
+        state, weights = optimizer_state_floats(optimizers[label], model)
+        mean, median, load, _ = timing[label]
         rows.append(
             {
                 "run": label,
-                "median_step_ms": summary["median_step_ms"],
-                "mean_step_ms": summary["mean_step_ms"],
+                "median_step_ms": median,
+                "mean_step_ms": mean,
                 "state_floats": state,
                 "weights": weights,
+                "load": load,
             }
-        )
-        print(
-            f"{label:<44} {summary['mean_step_ms']:8.1f} ms/step amortized  "
-            f"state/weights={state / weights:6.2f}",
-            flush=True,
         )
     adam = rows[0]["mean_step_ms"]
     name = f"overhead_autoencoder_batch{args.batch}" + args.tag + ("_quick" if args.quick else "")
@@ -592,17 +596,20 @@ def suite_overhead(args):
         f"### Step overhead, MNIST autoencoder, batch {args.batch}",
         "",
         f"`python benchmarks/run.py {' '.join(sys.argv[1:])}` on {machine()}; {steps} steps "
-        "after the compiled one (amortized = mean, including statistics and refresh steps).",
+        f"after the compiled one, in {rounds} rounds in which the optimizers take turns "
+        "(amortized = mean, including statistics and refresh steps; load: the 1-minute load "
+        "average over the optimizer's rounds).",
         "",
         "| optimizer | ms/step median | ms/step amortized | x Adam (amortized) "
-        "| optimizer state / model size |",
-        "|---|---:|---:|---:|---:|",
+        "| optimizer state / model size | load (1 min) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         row["ratio_to_adam"] = row["mean_step_ms"] / adam
         lines.append(
             f"| {row['run']} | {row['median_step_ms']:.0f} | {row['mean_step_ms']:.0f} | "
-            f"{row['ratio_to_adam']:.2f} | {row['state_floats'] / row['weights']:.2f} |"
+            f"{row['ratio_to_adam']:.2f} | {row['state_floats'] / row['weights']:.2f} | "
+            f"{row['load'][0]:.1f}-{row['load'][1]:.1f} |"
         )
     md = "\n".join(lines) + "\n"
     os.makedirs(RESULTS, exist_ok=True)
@@ -619,10 +626,127 @@ def suite_panel(args):
     panel.run_panel(args)
 
 
+def interleaved_step_ms(models, x, batch, rounds, steps):
+    """Per model, ``(mean, median, [min, max] load, first step s)`` of its
+    ms/step over
+    ``rounds`` fits of ``steps`` steps each, the models taking turns (so
+    that a change of the machine's load hits them alike); one compiling
+    step first, untimed. Means amortize the statistics and refresh steps."""
+    times = {label: [] for label in models}
+    loads = {label: [] for label in models}
+    compile_s = {}
+    for label, model in models.items():
+        start = time.perf_counter()
+        model.fit(x[:batch], x[:batch], batch_size=batch, epochs=1, verbose=0)
+        compile_s[label] = time.perf_counter() - start
+    for r in range(rounds):
+        chunk = x[(r * steps + 1) * batch : ((r + 1) * steps + 1) * batch]
+        for label, model in models.items():
+            logger = BudgetLogger(1e9, 1e9, lambda: {})
+            loads[label].append(os.getloadavg()[0])
+            model.fit(
+                chunk,
+                chunk,
+                batch_size=batch,
+                epochs=1,
+                shuffle=False,
+                verbose=0,
+                callbacks=[logger],
+            )
+            loads[label].append(os.getloadavg()[0])
+            times[label] += [logger.first_step_seconds] + logger.step_times
+    return {
+        label: (
+            1000 * statistics.mean(t),
+            1000 * statistics.median(t),
+            [min(loads[label]), max(loads[label])],
+            compile_s[label],
+        )
+        for label, t in times.items()
+    }
+
+
+def suite_xla(args):
+    """Every method's step compiled by XLA (``jit_compile=True``, what Keras
+    runs on a GPU/TPU) against the graph step, on CPU. The full-width
+    autoencoder for Adam and the default KFAC; every method on the
+    quarter-width one (XLA's CPU eigh takes ~27 s on a 1000 x 1000 factor,
+    which the eigenbasis methods refresh)."""
+    x, _ = datasets.load_numpy("mnist", "train", data_dir=args.data_dir)
+    x = x.reshape(len(x), -1)
+    rounds, steps = (1, 2) if args.quick else (4, 5)
+    needed = args.batch * (rounds * steps + 1)
+    x = np.concatenate([x] * -(-needed // len(x)))[:needed]
+    runs = [(1.0, "adam lr=0.001", lambda: keras.optimizers.Adam(1e-3))]
+    runs.append((1.0, "kfac (defaults)", lambda: keras_kfac.KFAC()))
+    methods = ["kfac"] if args.quick else ALL_METHODS
+    for method in methods:
+        runs.append((0.25, f"{method}", lambda m=method: keras_kfac.KFAC(curvature=m)))
+    if args.quick:
+        runs = [(0.25 if w == 1.0 else w, label, make) for w, label, make in runs]
+    runs = [r for r in runs if not args.optimizers or any(p in r[1] for p in args.optimizers)]
+
+    def write():
+        name = f"xla_batch{args.batch}" + args.tag + ("_quick" if args.quick else "")
+        lines = [
+            f"### XLA against graph steps on CPU, MNIST autoencoder, batch {args.batch}",
+            "",
+            f"`python benchmarks/run.py {' '.join(sys.argv[1:])}` on {machine()}; "
+            f"{rounds} x {steps} steps per mode after the compiled one, graph and XLA taking turns "
+            "(amortized: mean over statistics and refresh steps). Width x0.25: hidden widths "
+            "250-125-62-30 mirrored.",
+            "",
+            "| optimizer | width | graph ms/step | XLA ms/step | XLA / graph "
+            "| first step s (trace, compile): graph / XLA | load (1 min) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in rows:
+            lines.append(
+                f"| {row['run']} | x{row['width']:g} | {row['graph_ms']:.0f} | {row['xla_ms']:.0f} | "
+                f"{row['xla_ms'] / row['graph_ms']:.2f} | {row['graph_first_step_s']:.0f} / "
+                f"{row['xla_first_step_s']:.0f} | {row['load'][0]:.1f}-{row['load'][1]:.1f} |"
+            )
+        md = "\n".join(lines) + "\n"
+        os.makedirs(RESULTS, exist_ok=True)
+        with open(os.path.join(RESULTS, name + ".json"), "w") as f:
+            json.dump({"batch": args.batch, "machine": machine(), "rows": rows}, f, indent=1)
+        with open(os.path.join(RESULTS, name + ".md"), "w") as f:
+            f.write(md)
+        print(md)
+
+    rows = []
+    for width, label, make in runs:
+        load_before = os.getloadavg()[0]
+        models = {}
+        for jit in (False, True):
+            model = autoencoder("sigmoid", width=width)
+            model.compile(optimizer=make(), loss=make_loss(), jit_compile=jit)
+            models["xla" if jit else "graph"] = model
+        timing = interleaved_step_ms(models, x, args.batch, rounds, steps)
+        ms = {mode: timing[mode][0] for mode in timing}
+        row = {
+            "run": label,
+            "width": width,
+            "graph_ms": ms["graph"],
+            "xla_ms": ms["xla"],
+            "graph_first_step_s": timing["graph"][3],
+            "xla_first_step_s": timing["xla"][3],
+            "load": [load_before, os.getloadavg()[0]],
+        }
+        rows.append(row)
+        print(
+            f"{label:<24} width x{width:<5} graph {ms['graph']:8.1f}  xla {ms['xla']:8.1f} ms/step"
+            f"  load {row['load'][0]:.1f}-{row['load'][1]:.1f}",
+            flush=True,
+        )
+        write()  # after every row: a long run leaves a partial table
+
+
 SUITES = {
     "autoencoder": suite_autoencoder,
     "convnet": suite_convnet,
     "overhead": suite_overhead,
+    "xla": suite_xla,
     "vit": suite_vit,
     "charlm": suite_charlm,
     "panel": suite_panel,
@@ -636,7 +760,7 @@ def main(argv=None):
         "--batch",
         type=int,
         default=None,
-        help="default: 1000 (autoencoder, overhead), 128 (convnet, vit, charlm)",
+        help="default: 1000 (autoencoder, overhead), 128 (convnet, vit, charlm, xla)",
     )
     parser.add_argument(
         "--budget",
@@ -648,7 +772,12 @@ def main(argv=None):
         "--eval-every", type=float, default=None, help="seconds of training between evaluations"
     )
     parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=30, help="overhead suite: timed steps")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=40,
+        help="overhead suite: timed steps (a multiple of 20 amortizes the default cadence exactly)",
+    )
     parser.add_argument("--relu", action="store_true", help="autoencoder: ReLU hidden units")
     parser.add_argument(
         "--methods",
@@ -695,6 +824,8 @@ def main(argv=None):
         args.batch = 128 if args.suite in ("convnet", "vit", "charlm") else 1000
     if args.budget is None:
         args.budget = 60.0
+
+        args.batch = 128 if args.suite in ("convnet", "vit", "charlm", "xla") else 1000
     if args.quick:
         args.budget = min(args.budget, 2.0)
         args.batch = min(args.batch, 500)

@@ -6,8 +6,10 @@ model's supported layers (their instances, not their classes):
 * each block layer's ``call`` records its input and, with the layer's own
   activation temporarily set to linear, its pre-activation output ``s``; the
   activation is applied afterwards, so fused activations work;
-* empirical Fisher: an identity with a custom gradient on ``s`` records
-  ``dL/ds`` during the ordinary backward pass (no extra cost);
+* an identity with a custom gradient on ``s`` records ``dL/ds`` during the
+  ordinary backward pass (no extra cost): the empirical Fisher's statistics,
+  and for every Fisher the factored form of the gradient
+  (:meth:`Capture.gradient_factors`);
 * sampled Fisher: the registered model's ``call`` runs under a persistent
   ``tf.GradientTape``; the optimizer later back-propagates sampled-target
   output gradients from the model output to every ``s`` (one extra backward
@@ -55,7 +57,7 @@ import tensorflow as tf
 
 from keras_kfac import compat
 from keras_kfac.curvature.base import LayerBatch
-from keras_kfac.layers.base import block_class_for_layer
+from keras_kfac.layers.base import LayerBlock, block_class_for_layer
 
 #: Orders forward uses and gradient arrivals (Python execution order, which
 #: is also the order of tracing in graph mode).
@@ -94,9 +96,6 @@ class StepRecord:
         self.tape = tape
         #: True while the registered model's call runs under ``tape``.
         self.tape_active = False
-        #: Whether layer uses tap ``dL/ds`` (every Fisher but a decided
-        #: sampled one).
-        self.taps = True
         self.outputs = None
         self.inputs = collections.defaultdict(list)
         self.preactivations = collections.defaultdict(list)
@@ -107,6 +106,9 @@ class StepRecord:
         self.grad_times = collections.defaultdict(list)
         #: Each use's Keras mask of its input (None when unmasked).
         self.masks = collections.defaultdict(list)
+        #: True while the sampled Fisher back-propagates through the
+        #: recorded forward pass: its gradients must not reach the taps.
+        self.sampling = False
         #: ``(x, y, sample_weight)`` seen by ``model.compute_loss`` in this
         #: step (None in loops that do not call it); used by the quadratic
         #: model of :mod:`keras_kfac.quadratic` to re-evaluate the batch loss.
@@ -239,9 +241,9 @@ class _LayerHook(_Hook):
             # ``recorded``: what the block's ``activations`` gets instead of
             # the layer's inputs; a zero-argument callable is resolved when
             # the forward returns (values computed after ``s``).
-            empirical = [r for r in records if r.taps]
-            if empirical:
-                s = _tap(s, [(r, key, len(r.inputs[key])) for r in empirical])
+            # Every Fisher taps dL/ds: the empirical one's statistics and
+            # the gradient's factored form (Capture.gradient_factors) use it.
+            s = _tap(s, [(r, key, len(r.inputs[key])) for r in records])
             for record in records:
                 if record.tape_active:
                     record.tape.watch(s)
@@ -268,7 +270,8 @@ def _tap(s, targets):
     def identity(x):
         def grad(dy):
             for record, key, slot in targets:
-                record.set_gradient(key, slot, dy)
+                if not record.sampling:
+                    record.set_gradient(key, slot, dy)
             return dy
 
         return tf.identity(x), grad
@@ -502,8 +505,6 @@ class Capture:
 
     def _new_record(self, tape=None):
         record = StepRecord(tape)
-        # Taps are needed unless the sampled Fisher is decided.
-        record.taps = self.sampled is not True
         self._record = record
         return record
 
@@ -628,7 +629,11 @@ class Capture:
             # a loss scale (which would overflow the float16 backward pass).
             dys.append(tf.cast(dy, output.dtype))
         targets = [s for key in keys for s in record.preactivations.get(key, [])]
-        grads = record.tape.gradient(outputs, targets, output_gradients=dys)
+        record.sampling = True
+        try:
+            grads = record.tape.gradient(outputs, targets, output_gradients=dys)
+        finally:
+            record.sampling = False
         # A gradient summed over several outputs can lose its static shape;
         # it is that of its target (the blocks read static location counts).
         grads = [None if g is None else tf.ensure_shape(g, s.shape) for g, s in zip(grads, targets)]
@@ -645,6 +650,40 @@ class Capture:
                 xs, gs, ms = zip(*kept)
                 batches.append(_layer_batch(block, list(xs), list(gs), 1.0, list(ms)))
         return batches
+
+    def gradient_factors(self, record, blocks):
+        """Per block, ``(a, d)`` of shapes ``(N, a_dim)``, ``(N, g_dim)``:
+        the rows ``a_bar`` and ``dL/ds`` of every location of the uses that
+        received the last backward pass's gradient, so that ``a^T d`` is
+        the block's gradient ``V`` when that gradient is exactly the one
+        applied. None for a block whose gradient is not a sum of outer
+        products (grouped blocks, blocks that override
+        ``per_example_gradients``) or that no use reached. Nothing here
+        proves that the applied gradient is this one (a weight regularizer,
+        a tied weight, gradient clipping, a loss scale, the all-reduce of
+        several replicas change it): the caller checks ``a^T d`` against
+        ``V``."""
+        keys = [id(block.layer) for block in blocks]
+        uses = record.latest_uses(set(keys))
+        factors = []
+        for block, key in zip(blocks, keys):
+            if (
+                not uses[key]
+                or block.groups > 1
+                or type(block).per_example_gradients is not LayerBlock.per_example_gradients
+            ):
+                factors.append(None)
+                continue
+            a = [
+                tf.reshape(block.activations(record.inputs[key][i]), (-1, block.a_dim))
+                for i in uses[key]
+            ]
+            d = [
+                tf.reshape(block.output_gradients(record.output_grads[key][i]), (-1, block.g_dim))
+                for i in uses[key]
+            ]
+            factors.append((tf.concat(a, axis=0), tf.concat(d, axis=0)))
+        return factors
 
 
 def _per_example(op, x, weights):

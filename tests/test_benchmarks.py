@@ -103,3 +103,26 @@ def test_defaults_table_quick_mode(tmp_path):
         assert run["median_ms"] > 0
     table = out.read_text()
     assert "| MNIST MLP dropout | 8 | adam lr=" in table and "(1.0x)" in table
+
+
+@pytest.mark.slow
+def test_xla_and_overhead_suites_quick_mode(tmp_path):
+    env = dict(os.environ, KERAS_KFAC_RESULTS=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    for suite, name in (
+        ("xla", "xla_batch128_quick"),
+        ("overhead", "overhead_autoencoder_batch500_quick"),
+    ):
+        result = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), suite, "--quick"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
+        assert [row["run"] for row in rows] == ["adam lr=0.001", "kfac (defaults)"]
+        for row in rows:
+            times = [row[k] for k in ("graph_ms", "xla_ms", "mean_step_ms") if k in row]
+            assert times and all(t > 0 for t in times)

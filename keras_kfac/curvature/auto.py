@@ -146,6 +146,9 @@ class Auto(Curvature):
             lambda: self.kfac.precondition(v, damping),
         )
 
+    def kronecker_inverses(self):
+        return self.kfac.kronecker_inverses() if self.tengrad is None else None
+
     def matrix(self):
         if self.kfac is None:
             return self.tengrad.matrix()

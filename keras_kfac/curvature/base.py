@@ -235,6 +235,13 @@ class Curvature(abc.ABC):
     ) -> tf.Tensor:
         """The damped inverse curvature applied to ``V`` (``(a_dim, g_dim)``)."""
 
+    def kronecker_inverses(self) -> Optional[tuple]:
+        """``(L, R)``, dense ``(a_dim, a_dim)`` and ``(g_dim, g_dim)``, when
+        ``precondition(V)`` is ``L V R`` for every ``V`` until the next
+        refresh (the estimator then applies it to a gradient given by its
+        factors, :func:`factors.factored_kronecker_solve`); None otherwise."""
+        return None
+
     @abc.abstractmethod
     def matrix(self) -> tf.Tensor:
         """The dense undamped block ``(P, P)``, parameters in ``vec_row(V)``

@@ -127,6 +127,18 @@ class KFAC(KroneckerFactors):
             state = [v for v in state if v is not None]
         return state + [self.multiplier]
 
+    def kronecker_inverses(self):
+        # Eigen damping needs the middle (a_dim, g_dim) product formed.
+        block = self.block
+        if (
+            self.damping_mode != "factored"
+            or block.groups > 1
+            or block.a_is_diagonal
+            or block.g_is_diagonal
+        ):
+            return None
+        return self.a_inverse, self.g_inverse
+
     def precondition(self, v, damping, batch=None):
         if self.damping_mode == "factored":
             if self.block.groups > 1:
