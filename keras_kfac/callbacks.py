@@ -101,7 +101,7 @@ class AdaptiveDamping(keras.callbacks.Callback):
         self._log(logs)
 
     def on_train_end(self, logs=None):
-        self._opt.adapt_damping(0, self.decay, self.min_damping, self.max_damping)
+        self._opt.reset_damping_adaptation()
 
 
 class DampingScheduler(keras.callbacks.Callback):
@@ -111,12 +111,23 @@ class DampingScheduler(keras.callbacks.Callback):
     sec. 6.5 discuss why damping needs to change during training). The
     damping is a variable: no retracing. For a per-step schedule pass a
     ``keras.optimizers.schedules.LearningRateSchedule`` as ``KFAC(damping=)``.
+    During the fit the schedule replaces KFAC's own Levenberg-Marquardt rule
+    (``damping_adaptation_interval``), which comes back at the end.
     """
 
     def __init__(self, schedule, verbose=0):
         super().__init__()
         self.schedule = schedule
         self.verbose = verbose
+
+    def on_train_begin(self, logs=None):
+        opt = kfac_optimizer(self.model)
+        opt.adapt_damping(0)
+        _sync_trace(self.model, opt)
+        self._opt = opt
+
+    def on_train_end(self, logs=None):
+        self._opt.reset_damping_adaptation()
 
     def on_epoch_begin(self, epoch, logs=None):
         opt = kfac_optimizer(self.model)

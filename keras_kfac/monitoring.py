@@ -22,6 +22,8 @@ that set changes. How often they run is a variable: changing it never
 retraces.
 """
 
+import warnings
+
 import numpy as np
 import tensorflow as tf
 
@@ -51,6 +53,9 @@ class StepMonitor:
         self._optimizer_ref = optimizer
         self.built = False
         self.rho_enabled = False
+        # True when rho was enabled by default (KFAC's LM rule), not asked
+        # for: a step with no batch loss then skips it instead of failing.
+        self.rho_optional = False
         self.diagnostics_enabled = False
         self.histograms = True
         self.fidelity_layers = ()
@@ -116,6 +121,7 @@ class StepMonitor:
         """What is traced into the train step (changes need a retrace)."""
         return (
             self.rho_enabled,
+            self.rho_optional,
             self.diagnostics_enabled,
             self.histograms,
             tuple(self.fidelity_layers),
@@ -235,6 +241,12 @@ class StepMonitor:
         # rho on track_rho's steps, and on logging steps when the batch loss
         # can be re-evaluated (model.compute_loss was called).
         has_loss = step["objective"] is not None
+        if self.rho_enabled and not has_loss and self.rho_optional:
+            self._warn_no_loss_once()
+            if self.diagnostics_enabled:
+                run_if(step["diag_now"], lambda: self._diagnostics(grads, delta, damping))
+            self._step = None
+            return tf.constant(float("nan")), tf.constant(False)
         when = step["rho_now"] if self.rho_enabled else tf.constant(False)
         if has_loss:
             when = when | step["diag_now"]
@@ -245,6 +257,18 @@ class StepMonitor:
             run_if(step["diag_now"], lambda: self._diagnostics(grads, delta, damping))
         self._step = None
         return (rho, step["rho_now"]) if self.rho_enabled else None
+
+    def _warn_no_loss_once(self):
+        if getattr(self, "_warned_no_loss", False):
+            return
+        self._warned_no_loss = True
+        warnings.warn(
+            "KFAC keeps its damping fixed: this training step does not call "
+            "model.compute_loss, so rho (Levenberg-Marquardt damping) cannot be measured. "
+            "Pass damping_adaptation_interval=0 to silence this, or call "
+            "model.compute_loss(x, y, y_pred) in the train step.",
+            stacklevel=3,
+        )
 
     def _diagnostics(self, grads, delta, damping):
         opt = self._optimizer_ref

@@ -65,7 +65,9 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
 
     Args:
         learning_rate: float or ``keras.optimizers.schedules`` schedule.
-        damping: Tikhonov damping lambda (> 0), float or schedule of the step.
+        damping: Tikhonov damping lambda (> 0), float or schedule of the step;
+            a float is the initial value of the Levenberg-Marquardt rule (see
+            ``damping_adaptation_interval``).
         momentum: heavy-ball momentum on the preconditioned gradient, in [0, 1).
         curvature: name of the per-layer approximation
             (``keras_kfac.curvature.available()``), or a dict
@@ -105,6 +107,17 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
             (:func:`keras_kfac.layers.base.blocks_for_layer`); an unknown key
             is an error listing the valid ones.
         seed: seed of the target sampling.
+        damping_adaptation_interval: every this many steps, ``rho`` (the
+            actual over the predicted loss reduction of the step, exact GGN on
+            the step's batch) adapts the damping by the Levenberg-Marquardt
+            rule (Martens & Grosse 2015, sec. 6.5; decay ``0.95**interval``,
+            damping in ``[1e-8, 1e4]``). Default 5: ``benchmarks/results/
+            defaults.md`` measured it ahead of a fixed damping on every model
+            there. 0 or None: fixed damping. It stays fixed, said once in a
+            warning, where ``rho`` cannot be measured: a damping schedule, a
+            training step that does not call ``model.compute_loss`` (a custom
+            ``train_step`` without ``loss=``), or several replicas of a
+            ``tf.distribute`` strategy.
         adaptive_step: choose the learning rate alpha and momentum mu of every
             step by minimising the exact quadratic model (GGN on the batch)
             over ``alpha * Delta + mu * delta_prev`` (Martens & Grosse 2015,
@@ -133,6 +146,7 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
         fallback_learning_rate=1e-3,
         curvature_options=None,
         seed=None,
+        damping_adaptation_interval=5,
         adaptive_step=False,
         name="kfac",
         **kwargs,
@@ -167,6 +181,14 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
         self.curvature_options = dict(curvature_options or {})
         self.seed = seed
         self.adaptive_step = bool(adaptive_step)
+        if damping_adaptation_interval is not None and (
+            not isinstance(damping_adaptation_interval, int) or damping_adaptation_interval < 0
+        ):
+            raise ValueError(
+                "damping_adaptation_interval must be an integer >= 0 (0 or None: fixed "
+                f"damping); got {damping_adaptation_interval!r}."
+            )
+        self.damping_adaptation_interval = int(damping_adaptation_interval or 0)
         self._monitor = StepMonitor(self)
         self._levenberg_marquardt = quadratic.LevenbergMarquardt()
         if isinstance(damping, keras.optimizers.schedules.LearningRateSchedule) or callable(
@@ -337,6 +359,40 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
             warnings.warn(estimator.fallback_warning(), stacklevel=2)
         self._monitor.build()
         self._levenberg_marquardt.build()
+        self.reset_damping_adaptation()
+
+    def reset_damping_adaptation(self):
+        """Back to the constructor's Levenberg-Marquardt rule
+        (``damping_adaptation_interval``), where ``rho`` can be measured;
+        :meth:`adapt_damping` overrides it."""
+        self._check_built()
+        every = self.damping_adaptation_interval
+        if not every:
+            with tf.init_scope():
+                self.adapt_damping(0)
+            return
+        replicated = (
+            tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1
+        )
+        reason = None
+        if not self.damping_is_adaptive:
+            reason = "the damping is a schedule"
+        elif replicated:
+            reason = "rho is not reduced across the replicas of a tf.distribute strategy yet"
+        if reason is not None:
+            warnings.warn(
+                f"KFAC keeps its damping fixed ({reason}); pass "
+                "damping_adaptation_interval=0 to silence this.",
+                stacklevel=3,
+            )
+            return
+        # Keras may build the optimizer while tracing the first train step:
+        # the rule's settings are state, assigned now, not ops of that trace.
+        with tf.init_scope():
+            self.adapt_damping(every, decay=0.95**every)
+        # A step without model.compute_loss has no batch loss to measure rho
+        # on: that step keeps the damping (warned once at trace time).
+        self._monitor.rho_optional = True
 
     # --- hyperparameters that callbacks change -----------------------------
     @property
@@ -373,6 +429,7 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
             )
         self._levenberg_marquardt.configure(every > 0, decay, min_damping, max_damping)
         self._monitor.track_rho(every)
+        self._monitor.rho_optional = False
 
     @property
     def skipped_steps(self):
@@ -725,6 +782,7 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
                 "fallback_learning_rate": self.fallback_learning_rate,
                 "curvature_options": self.curvature_options,
                 "seed": self.seed,
+                "damping_adaptation_interval": self.damping_adaptation_interval,
                 "adaptive_step": self.adaptive_step,
             }
         )

@@ -50,7 +50,8 @@ def _damped_condition(m, share):
 def test_curvature_monitor_writes_the_curvature_story(tmp_path):
     x, y = _classification()
     model = _convnet()
-    opt = keras_kfac.KFAC(damping=3e-3)
+    # A fixed damping: every logged value is compared with the final one.
+    opt = keras_kfac.KFAC(damping=3e-3, damping_adaptation_interval=0)
     model.compile(opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     log_dir = str(tmp_path / "run")
     model.fit(
@@ -341,3 +342,91 @@ def test_damping_adapts_only_every_steps_while_rho_is_logged_each_step(tmp_path)
     logged = dict(events["kfac/damping"])  # the damping each step used
     np.testing.assert_allclose([logged[s] for s in range(1, 9)], [1e-2] * 4 + [5e-3] * 4, rtol=1e-6)
     np.testing.assert_allclose(float(opt.damping), 2.5e-3, rtol=1e-6)
+
+
+def _linear_regression(seed=3):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(32, 3)).astype("float32")
+    y = (x @ rng.normal(size=(3, 1)) + 0.5 * rng.normal(size=(32, 1))).astype("float32")
+    return x, y
+
+
+def test_kfac_adapts_its_damping_by_default_every_five_steps(tmp_path):
+    """KFAC() runs the LM rule itself (damping_adaptation_interval=5, decay
+    0.95**5): on a linear regression rho ~ 1 at steps 5 and 10, so the
+    damping falls by 0.95**5 twice; every other step keeps it."""
+    x, y = _linear_regression()
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    opt = keras_kfac.KFAC(damping=1e-2)
+    model.compile(opt, loss="mse")
+    model.fit(
+        x,
+        y,
+        batch_size=32,
+        epochs=10,
+        verbose=0,
+        callbacks=[CurvatureMonitor(str(tmp_path), update_freq=1)],
+    )
+    events = read_events(os.path.join(str(tmp_path), "train"))
+    rho = dict(events["kfac/rho"])
+    assert 0.75 < rho[5] < 1.01 and 0.75 < rho[10] < 1.01
+    logged = dict(events["kfac/damping"])
+    expected = [1e-2] * 5 + [1e-2 * 0.95**5] * 5
+    np.testing.assert_allclose([logged[s] for s in range(1, 11)], expected, rtol=1e-5)
+    np.testing.assert_allclose(float(opt.damping), 1e-2 * 0.95**10, rtol=1e-5)
+    config = opt.get_config()
+    assert config["damping_adaptation_interval"] == 5
+    assert keras_kfac.KFAC.from_config(config).damping_adaptation_interval == 5
+
+
+def test_default_damping_adaptation_comes_back_after_adaptive_damping():
+    from keras_kfac.callbacks import AdaptiveDamping
+
+    x, y = _linear_regression()
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    opt = keras_kfac.KFAC(damping=1e-2)
+    model.compile(opt, loss="mse")
+    model.fit(
+        x, y, batch_size=32, epochs=4, verbose=0, callbacks=[AdaptiveDamping(every=2, decay=0.5)]
+    )
+    after_callback = float(opt.damping)
+    np.testing.assert_allclose(after_callback, 2.5e-3, rtol=1e-6)
+    # Without the callback: the constructor's rule again (steps 5, 10, ...
+    # of the optimizer's step count).
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    at_five = float(opt.damping)
+    np.testing.assert_allclose(at_five, after_callback * 0.95**5, rtol=1e-5)
+    model.fit(x, y, batch_size=32, epochs=4, verbose=0)
+    np.testing.assert_allclose(float(opt.damping), at_five, rtol=1e-6)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    np.testing.assert_allclose(float(opt.damping), at_five * 0.95**5, rtol=1e-5)
+
+
+def test_fixed_damping_when_the_train_step_has_no_batch_loss():
+    """A custom train_step that never calls compute_loss: KFAC() trains, says
+    once that its damping stays fixed, and keeps it."""
+
+    class Custom(keras.Model):
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(self(x, training=True) - y))
+            grads = tape.gradient(loss, self.trainable_variables)
+            self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+            return {"mse": loss}  # "loss" would be Keras's own (empty) tracker
+
+    x, y = _linear_regression()
+    inputs = keras.Input((3,))
+    model = Custom(inputs, keras.layers.Dense(1)(inputs))
+    opt = keras_kfac.KFAC(damping=1e-2, fisher="empirical")
+    model.compile(opt)
+    with pytest.warns(UserWarning, match="keeps its damping fixed"):
+        history = model.fit(x, y, batch_size=32, epochs=12, verbose=0)
+    losses = history.history["mse"]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    np.testing.assert_allclose(float(opt.damping), 1e-2, rtol=1e-7)
+
+
+def test_damping_adaptation_interval_rejects_bad_values():
+    with pytest.raises(ValueError, match="damping_adaptation_interval must be an integer >= 0"):
+        keras_kfac.KFAC(damping_adaptation_interval=-1)
