@@ -252,7 +252,16 @@ class StepMonitor:
             when = when | step["diag_now"]
         rho = None
         if self.rho_enabled or has_loss:
-            rho = tf.cond(when, compute_rho, lambda: tf.constant(float("nan")))
+            try:
+                rho = tf.cond(when, compute_rho, lambda: tf.constant(float("nan")))
+            except (TypeError, ValueError, NotImplementedError, LookupError) as error:
+                if not self.rho_optional:
+                    raise
+                # The default LM rule on a model whose forward pass cannot be
+                # re-run under forward-mode autodiff (TF 2.21: recurrent
+                # layers' while loops in graph mode): keep the damping fixed.
+                self._warn_no_rho_once(error)
+                rho, step["rho_now"] = tf.constant(float("nan")), tf.constant(False)
         if self.diagnostics_enabled:
             run_if(step["diag_now"], lambda: self._diagnostics(grads, delta, damping))
         self._step = None
@@ -267,6 +276,18 @@ class StepMonitor:
             "model.compute_loss, so rho (Levenberg-Marquardt damping) cannot be measured. "
             "Pass damping_adaptation_interval=0 to silence this, or call "
             "model.compute_loss(x, y, y_pred) in the train step.",
+            stacklevel=3,
+        )
+
+    def _warn_no_rho_once(self, error):
+        if getattr(self, "_warned_no_rho", False):
+            return
+        self._warned_no_rho = True
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+        warnings.warn(
+            "KFAC keeps its damping fixed: rho (Levenberg-Marquardt damping) could not be "
+            f"traced for this model ({type(error).__name__}: {first_line}). Pass "
+            "damping_adaptation_interval=0 to silence this.",
             stacklevel=3,
         )
 

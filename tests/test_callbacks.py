@@ -430,3 +430,19 @@ def test_fixed_damping_when_the_train_step_has_no_batch_loss():
 def test_damping_adaptation_interval_rejects_bad_values():
     with pytest.raises(ValueError, match="damping_adaptation_interval must be an integer >= 0"):
         keras_kfac.KFAC(damping_adaptation_interval=-1)
+
+
+def test_fixed_damping_when_rho_cannot_be_traced_through_a_recurrent_layer():
+    """TF 2.21 cannot run an LSTM's graph-mode forward pass under forward-mode
+    autodiff (the quadratic model's rho): KFAC() trains with its damping
+    fixed and says why once, instead of failing."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 4, 2)).astype("float32")
+    y = rng.integers(0, 3, 16)
+    model = keras.Sequential([keras.Input((4, 2)), keras.layers.LSTM(3), keras.layers.Dense(3)])
+    opt = keras_kfac.KFAC(damping=1e-2)
+    model.compile(opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.warns(UserWarning, match="could not be traced"):
+        history = model.fit(x, y, batch_size=8, epochs=3, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    np.testing.assert_allclose(float(opt.damping), 1e-2, rtol=1e-7)
