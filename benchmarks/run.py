@@ -545,6 +545,17 @@ def optimizer_state_floats(opt, model):
     return state, weights
 
 
+def write_table(name, batch, rows, lines):
+    """``results/<name>.md`` (the table ``lines``) and ``<name>.json`` (the rows)."""
+    md = "\n".join(lines) + "\n"
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, name + ".json"), "w") as f:
+        json.dump({"batch": batch, "machine": machine(), "rows": rows}, f, indent=1)
+    with open(os.path.join(RESULTS, name + ".md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
 def suite_overhead(args):
     x, _ = datasets.load_numpy("mnist", "train", data_dir=args.data_dir)
     x = x.reshape(len(x), -1)
@@ -611,13 +622,7 @@ def suite_overhead(args):
             f"{row['ratio_to_adam']:.2f} | {row['state_floats'] / row['weights']:.2f} | "
             f"{row['load'][0]:.1f}-{row['load'][1]:.1f} |"
         )
-    md = "\n".join(lines) + "\n"
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, name + ".json"), "w") as f:
-        json.dump({"batch": args.batch, "machine": machine(), "rows": rows}, f, indent=1)
-    with open(os.path.join(RESULTS, name + ".md"), "w") as f:
-        f.write(md)
-    print(md)
+    write_table(name, args.batch, rows, lines)
 
 
 def suite_panel(args):
@@ -706,13 +711,7 @@ def suite_xla(args):
                 f"{row['xla_ms'] / row['graph_ms']:.2f} | {row['graph_first_step_s']:.0f} / "
                 f"{row['xla_first_step_s']:.0f} | {row['load'][0]:.1f}-{row['load'][1]:.1f} |"
             )
-        md = "\n".join(lines) + "\n"
-        os.makedirs(RESULTS, exist_ok=True)
-        with open(os.path.join(RESULTS, name + ".json"), "w") as f:
-            json.dump({"batch": args.batch, "machine": machine(), "rows": rows}, f, indent=1)
-        with open(os.path.join(RESULTS, name + ".md"), "w") as f:
-            f.write(md)
-        print(md)
+        write_table(name, args.batch, rows, lines)
 
     rows = []
     for width, label, make in runs:

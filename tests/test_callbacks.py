@@ -318,9 +318,7 @@ def test_damping_adapts_only_every_steps_while_rho_is_logged_each_step(tmp_path)
     rho ~ 1, so the damping halves twice)."""
     from keras_kfac.callbacks import AdaptiveDamping
 
-    rng = np.random.default_rng(3)
-    x = rng.normal(size=(32, 3)).astype("float32")
-    y = (x @ rng.normal(size=(3, 1)) + 0.5 * rng.normal(size=(32, 1))).astype("float32")
+    x, y = _linear_regression()
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
     opt = keras_kfac.KFAC(damping=1e-2)
     model.compile(opt, loss="mse")
