@@ -820,11 +820,9 @@ def main(argv=None):
     if args.methods == ["all"]:
         args.methods = ALL_METHODS
     if args.batch is None:
-        args.batch = 128 if args.suite in ("convnet", "vit", "charlm") else 1000
+        args.batch = 128 if args.suite in ("convnet", "vit", "charlm", "xla") else 1000
     if args.budget is None:
         args.budget = 60.0
-
-        args.batch = 128 if args.suite in ("convnet", "vit", "charlm", "xla") else 1000
     if args.quick:
         args.budget = min(args.budget, 2.0)
         args.batch = min(args.batch, 500)
