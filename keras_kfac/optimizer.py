@@ -103,7 +103,8 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
         fallback_learning_rate: learning rate of the Adam fallback for
             variables outside a curvature block.
         curvature_options: extra keyword arguments for the curvature classes,
-            plus the block options ``weight_sharing`` and ``max_factor_dim``
+            plus the block options ``weight_sharing``, ``max_factor_dim`` and
+            ``max_factor_ratio``
             (:func:`keras_kfac.layers.base.blocks_for_layer`); an unknown key
             is an error listing the valid ones.
         seed: seed of the target sampling.
