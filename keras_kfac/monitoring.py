@@ -31,6 +31,7 @@ from keras_kfac import compat, exact, quadratic
 from keras_kfac.curvature import factors as factor_math
 from keras_kfac.estimator import MAX_DENSE_PARAMETERS
 from keras_kfac.graph_util import run_if, untracked_variable
+from keras_kfac.layers import base as layer_blocks
 
 #: Names of the optimizer-level scalars in :meth:`StepMonitor.values`.
 SCALARS = (
@@ -48,6 +49,32 @@ SCALARS = (
 FACTOR_SCALARS = ("trace", "min_eigenvalue", "max_eigenvalue", "condition_number")
 
 
+_NO_LOSS = (
+    "KFAC keeps its damping fixed: this training step does not call "
+    "model.compute_loss, so rho (Levenberg-Marquardt damping) cannot be measured. "
+    "Pass damping_adaptation_interval=0 to silence this, or call "
+    "model.compute_loss(x, y, y_pred) in the train step."
+)
+
+
+def _no_forward_mode(blockers, asked=False):
+    """The message for a model whose rho cannot be traced: a warning for the
+    default rule, an error (``asked``) when the user asked for rho."""
+    layers = "; ".join(f"{name!r}: {reason}" for name, reason in blockers.items())
+    what = (
+        "rho (AdaptiveDamping, CurvatureMonitor's rho) cannot be measured"
+        if asked
+        else "KFAC keeps its damping fixed: rho (Levenberg-Marquardt damping) cannot be measured"
+    )
+    fix = (
+        "Run eagerly (model.compile(..., run_eagerly=True)) or give these layers unroll=True."
+        if asked
+        else "Pass damping_adaptation_interval=0 to silence this, run eagerly, or give "
+        "these layers unroll=True."
+    )
+    return f"{what} in a traced train step for this model ({layers}). {fix}"
+
+
 class StepMonitor:
     def __init__(self, optimizer):
         self._optimizer_ref = optimizer
@@ -61,6 +88,10 @@ class StepMonitor:
         self.fidelity_layers = ()
         self.traced_features = None
         self._step = None
+        #: ``{layer name: reason}``: layers whose traced forward pass cannot
+        #: run under forward-mode autodiff (set at :meth:`build`).
+        self.forward_mode_blockers = {}
+        self._warned = set()
 
     # --- state -------------------------------------------------------------
     def build(self):
@@ -76,6 +107,9 @@ class StepMonitor:
         self.rho_step = untracked_variable(-1, tf.int64)
         self.diagnostics_every = untracked_variable(0, tf.int64)
         self.diagnostics_step = untracked_variable(-1, tf.int64)
+        self.forward_mode_blockers = layer_blocks.forward_mode_blockers(
+            compat.flatten_layers(opt.estimator.model())
+        )
         self.layers = {}
         for block, curvature in zip(opt.estimator.blocks, opt.estimator.curvatures):
             entry = {
@@ -241,55 +275,43 @@ class StepMonitor:
         # rho on track_rho's steps, and on logging steps when the batch loss
         # can be re-evaluated (model.compute_loss was called).
         has_loss = step["objective"] is not None
+        skip = None
         if self.rho_enabled and not has_loss and self.rho_optional:
-            self._warn_no_loss_once()
+            self._warn_once("no_loss", _NO_LOSS)
+            skip = "no loss"
+        elif (self.rho_enabled or has_loss) and not self._forward_mode_ok():
+            if self.rho_enabled and not self.rho_optional:
+                raise ValueError(_no_forward_mode(self.forward_mode_blockers, asked=True))
+            if self.rho_enabled:
+                self._warn_once("no_forward_mode", _no_forward_mode(self.forward_mode_blockers))
+            skip = "no forward mode"
+        if skip is not None:
             if self.diagnostics_enabled:
                 run_if(step["diag_now"], lambda: self._diagnostics(grads, delta, damping))
             self._step = None
-            return tf.constant(float("nan")), tf.constant(False)
+            return (tf.constant(float("nan")), tf.constant(False)) if self.rho_enabled else None
         when = step["rho_now"] if self.rho_enabled else tf.constant(False)
         if has_loss:
             when = when | step["diag_now"]
         rho = None
         if self.rho_enabled or has_loss:
-            try:
-                rho = tf.cond(when, compute_rho, lambda: tf.constant(float("nan")))
-            except (TypeError, ValueError, NotImplementedError, LookupError) as error:
-                if not self.rho_optional:
-                    raise
-                # The default LM rule on a model whose forward pass cannot be
-                # re-run under forward-mode autodiff (TF 2.21: recurrent
-                # layers' while loops in graph mode): keep the damping fixed.
-                self._warn_no_rho_once(error)
-                rho, step["rho_now"] = tf.constant(float("nan")), tf.constant(False)
+            rho = tf.cond(when, compute_rho, lambda: tf.constant(float("nan")))
         if self.diagnostics_enabled:
             run_if(step["diag_now"], lambda: self._diagnostics(grads, delta, damping))
         self._step = None
         return (rho, step["rho_now"]) if self.rho_enabled else None
 
-    def _warn_no_loss_once(self):
-        if getattr(self, "_warned_no_loss", False):
-            return
-        self._warned_no_loss = True
-        warnings.warn(
-            "KFAC keeps its damping fixed: this training step does not call "
-            "model.compute_loss, so rho (Levenberg-Marquardt damping) cannot be measured. "
-            "Pass damping_adaptation_interval=0 to silence this, or call "
-            "model.compute_loss(x, y, y_pred) in the train step.",
-            stacklevel=3,
-        )
+    def _forward_mode_ok(self):
+        """Whether rho's Jacobian-vector products can be traced here: the
+        model has no layer that blocks forward-mode autodiff in a traced
+        function (decided at :meth:`build`), or the step runs eagerly."""
+        return not self.forward_mode_blockers or tf.executing_eagerly()
 
-    def _warn_no_rho_once(self, error):
-        if getattr(self, "_warned_no_rho", False):
+    def _warn_once(self, key, message):
+        if key in self._warned:
             return
-        self._warned_no_rho = True
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
-        warnings.warn(
-            "KFAC keeps its damping fixed: rho (Levenberg-Marquardt damping) could not be "
-            f"traced for this model ({type(error).__name__}: {first_line}). Pass "
-            "damping_adaptation_interval=0 to silence this.",
-            stacklevel=3,
-        )
+        self._warned.add(key)
+        warnings.warn(message, stacklevel=3)
 
     def _diagnostics(self, grads, delta, damping):
         opt = self._optimizer_ref

@@ -440,7 +440,38 @@ def test_fixed_damping_when_rho_cannot_be_traced_through_a_recurrent_layer():
     model = keras.Sequential([keras.Input((4, 2)), keras.layers.LSTM(3), keras.layers.Dense(3)])
     opt = keras_kfac.KFAC(damping=1e-2)
     model.compile(opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    with pytest.warns(UserWarning, match="could not be traced"):
+    with pytest.warns(UserWarning, match="keeps its damping fixed.*'lstm'.*unroll=True"):
         history = model.fit(x, y, batch_size=8, epochs=3, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
     np.testing.assert_allclose(float(opt.damping), 1e-2, rtol=1e-7)
+
+
+def test_rho_asked_for_on_a_recurrent_layer_names_the_fix():
+    from keras_kfac.callbacks import AdaptiveDamping
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 4, 2)).astype("float32")
+    y = rng.integers(0, 3, 16)
+    model = keras.Sequential([keras.Input((4, 2)), keras.layers.GRU(3), keras.layers.Dense(3)])
+    model.compile(
+        keras_kfac.KFAC(damping=1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    with pytest.raises(ValueError, match="run_eagerly=True.*unroll=True"):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[AdaptiveDamping(every=2)])
+
+
+def test_an_unexpected_error_while_tracing_rho_propagates(monkeypatch):
+    """Only the layers known to block forward mode keep the damping fixed;
+    any other error in rho's passes is a bug and must surface."""
+    from keras_kfac import quadratic
+
+    def broken(self, values):
+        raise TypeError("injected failure in the batch objective")
+
+    monkeypatch.setattr(quadratic.BatchObjective, "loss", broken)
+    x, y = _linear_regression()
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(keras_kfac.KFAC(damping=1e-2), loss="mse")
+    with pytest.raises(TypeError, match="injected failure"):
+        model.fit(x, y, batch_size=32, epochs=2, verbose=0)

@@ -284,3 +284,70 @@ def test_unsupported_configurations_are_refused_with_a_reason(kind, kwargs, reas
     _, layer, _, _ = problem(kind, **kwargs)
     assert blocks_for_layer(layer) == []
     assert reason in unsupported_reason(layer)
+
+
+class _ScanCell(keras.layers.Layer):
+    """A minimal custom RNN cell (no block: the model-level rule applies)."""
+
+    state_size = 3
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1] + 3, 3))
+
+    def call(self, inputs, states):
+        h = tf.tanh(tf.concat([inputs, states[0]], axis=-1) @ self.kernel)
+        return h, [h]
+
+
+FORWARD_MODE_CASES = {
+    "lstm": (lambda: keras.layers.LSTM(3), True),
+    "gru": (lambda: keras.layers.GRU(3), True),
+    "simple_rnn_sequences": (lambda: keras.layers.SimpleRNN(3, return_sequences=True), True),
+    "custom_cell": (lambda: keras.layers.RNN(_ScanCell()), True),
+    "bidirectional": (lambda: keras.layers.Bidirectional(keras.layers.GRU(3)), True),
+    "conv_lstm1d": (lambda: keras.layers.ConvLSTM1D(2, 1), True),
+    "lstm_unrolled": (lambda: keras.layers.LSTM(3, unroll=True), False),
+    "time_distributed": (lambda: keras.layers.TimeDistributed(keras.layers.Dense(3)), False),
+    "attention": (None, False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FORWARD_MODE_CASES))
+def test_forward_mode_declaration_matches_tensorflow(case):
+    """The layers declared to block forward-mode autodiff
+    (``forward_mode_blockers``, read by the LM damping default) are exactly
+    those whose traced forward pass TensorFlow cannot run under a
+    ``ForwardAccumulator``; a TF release that lifts (or widens) the
+    limitation fails here."""
+    from keras_kfac import compat
+    from keras_kfac.layers import forward_mode_blockers
+
+    make, blocked = FORWARD_MODE_CASES[case]
+    keras.utils.set_random_seed(0)
+    shape = (T, 2, 1) if case == "conv_lstm1d" else (T, D)
+    inputs = keras.Input(shape)
+    if make is None:
+        h = keras.layers.MultiHeadAttention(2, 2)(inputs, inputs)
+    else:
+        h = make()(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(h)))
+    found = forward_mode_blockers(compat.flatten_layers(model))
+    assert bool(found) == blocked, found
+    if blocked:
+        assert all("unroll=True" in reason for reason in found.values())
+    x = np.random.default_rng(0).normal(size=(2,) + shape).astype("float32")
+    weights = model.trainable_variables
+
+    @tf.function
+    def jvp():
+        values = [tf.identity(v) for v in weights]
+        with tf.autodiff.ForwardAccumulator(values, [tf.ones_like(v) for v in values]) as acc:
+            with keras.StatelessScope(state_mapping=list(zip(weights, values))):
+                y = model(x, training=True)
+        return acc.jvp(y, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    if blocked:
+        with pytest.raises(TypeError, match="variant"):
+            jvp()
+    else:
+        assert np.isfinite(jvp().numpy()).all()

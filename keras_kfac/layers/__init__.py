@@ -22,6 +22,7 @@ from keras_kfac.layers.base import (
     block_class_for_layer,
     block_for_layer,
     blocks_for_layer,
+    forward_mode_blockers,
     register_block,
     unsupported_reason,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "block_class_for_layer",
     "block_for_layer",
     "blocks_for_layer",
+    "forward_mode_blockers",
     "register_block",
     "unsupported_reason",
 ]

@@ -155,6 +155,14 @@ class LayerBlock:
             object.__setattr__(layer, "activation", activation)
         return activation(tap(s))
 
+    @staticmethod
+    def forward_mode_reason(layer):
+        """Why TensorFlow cannot run ``layer``'s traced forward pass under
+        forward-mode autodiff (the quadratic model's Jacobian-vector
+        products, :mod:`keras_kfac.quadratic`), or None when it can. Read
+        once per model by :func:`forward_mode_blockers`."""
+        return None
+
     def location_axes(self):
         """How many axes besides the batch and the features the layer's input
         has (None when unknown); the weight-sharing rule of
@@ -234,6 +242,44 @@ def block_class_for_layer(layer):
     if cls is None or _overridden(layer, cls, base) is not None:
         return None
     return cls
+
+
+def recurrent_loop_reason(layer):
+    """Why a ``keras.layers.RNN`` (LSTM, GRU, SimpleRNN, ConvLSTM*, RNN of
+    any cell; also inside Bidirectional) blocks forward-mode autodiff, or
+    None. Its loop (``unroll=False``) writes each step's output to a
+    ``tf.TensorArray``; TensorFlow has no forward-mode derivative of that
+    write in a traced function ("`dtype` <dtype: 'variant'> is not
+    compatible with 1 of dtype int64"). Measured on TF 2.21 / keras 3.15.1
+    (``tests/test_layers_recurrent.py`` keeps it checked): eager passes
+    work, graph and XLA fail; ``unroll=True`` works in all three; of the
+    other layers only those running ``keras.ops.scan`` or ``tf.map_fn``
+    fail (none in ``keras.layers`` with trainable weights), while
+    ``tf.while_loop`` without a TensorArray, TimeDistributed,
+    MultiHeadAttention, normalization and Dropout work."""
+    if isinstance(layer, keras.layers.RNN) and not layer.unroll:
+        return (
+            "its recurrent loop writes a TensorArray, which TensorFlow cannot "
+            "differentiate in forward mode in a traced function (unroll=True avoids it)"
+        )
+    return None
+
+
+def forward_mode_blockers(layers):
+    """``{layer name: reason}`` for the ``layers`` (every layer of a model,
+    nested ones too) whose traced forward pass cannot run under forward-mode
+    autodiff: a block's declaration (:meth:`LayerBlock.forward_mode_reason`)
+    for layers with a block type, the known Keras layers otherwise."""
+    out = {}
+    for layer in layers:
+        cls = block_class_for_layer(layer)
+        if cls is not None:
+            reason = cls.forward_mode_reason(layer)
+        else:
+            reason = recurrent_loop_reason(layer)
+        if reason is not None:
+            out[layer.name] = reason
+    return out
 
 
 def block_for_layer(layer, **options):

@@ -52,7 +52,7 @@ import inspect
 import keras
 import tensorflow as tf
 
-from keras_kfac.layers.base import LayerBlock, register_block
+from keras_kfac.layers.base import LayerBlock, recurrent_loop_reason, register_block
 
 _RECURRENT_TYPES = (keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN)
 
@@ -177,6 +177,11 @@ class RNNKernelBlock(LayerBlock):
             # last element of the returned sequence the block reads.
             return "unroll=True with go_backwards and zero_output_for_mask and no return_sequences"
         return None
+
+    @staticmethod
+    def forward_mode_reason(layer):
+        # The block's instrumented forward runs the layer's own loop.
+        return recurrent_loop_reason(layer)
 
     @classmethod
     def blocks_for(cls, layer):
