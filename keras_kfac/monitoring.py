@@ -49,32 +49,6 @@ SCALARS = (
 FACTOR_SCALARS = ("trace", "min_eigenvalue", "max_eigenvalue", "condition_number")
 
 
-_NO_LOSS = (
-    "KFAC keeps its damping fixed: this training step does not call "
-    "model.compute_loss, so rho (Levenberg-Marquardt damping) cannot be measured. "
-    "Pass damping_adaptation_interval=0 to silence this, or call "
-    "model.compute_loss(x, y, y_pred) in the train step."
-)
-
-
-def _no_forward_mode(blockers, asked=False):
-    """The message for a model whose rho cannot be traced: a warning for the
-    default rule, an error (``asked``) when the user asked for rho."""
-    layers = "; ".join(f"{name!r}: {reason}" for name, reason in blockers.items())
-    what = (
-        "rho (AdaptiveDamping, CurvatureMonitor's rho) cannot be measured"
-        if asked
-        else "KFAC keeps its damping fixed: rho (Levenberg-Marquardt damping) cannot be measured"
-    )
-    fix = (
-        "Run eagerly (model.compile(..., run_eagerly=True)) or give these layers unroll=True."
-        if asked
-        else "Pass damping_adaptation_interval=0 to silence this, run eagerly, or give "
-        "these layers unroll=True."
-    )
-    return f"{what} in a traced train step for this model ({layers}). {fix}"
-
-
 class StepMonitor:
     def __init__(self, optimizer):
         self._optimizer_ref = optimizer
@@ -89,9 +63,9 @@ class StepMonitor:
         self.traced_features = None
         self._step = None
         #: ``{layer name: reason}``: layers whose traced forward pass cannot
-        #: run under forward-mode autodiff (set at :meth:`build`).
+        #: run under forward-mode autodiff (set at :meth:`build`); the
+        #: quadratic model's products then take reverse passes.
         self.forward_mode_blockers = {}
-        self._warned = set()
 
     # --- state -------------------------------------------------------------
     def build(self):
@@ -215,15 +189,6 @@ class StepMonitor:
             model = opt.estimator.model()
             self._step["old"] = [tf.identity(v.value) for v in model.trainable_variables]
 
-    def _model_grads(self, objective, grads, variables):
-        """The step's gradients aligned with ``model.trainable_variables``."""
-        opt = self._optimizer_ref
-
-        def key(v):
-            return compat.variable_key(opt, v)
-
-        return objective.align({key(v): g for g, v in zip(grads, variables)}, key)
-
     def note_preconditioning(self, matrices, preconditioned, scale):
         """Record ``V`` and ``P(V)`` per block and the KL-clip scale nu."""
         if self._step is not None:
@@ -262,9 +227,8 @@ class StepMonitor:
             if exact_reuse:
                 predicted, before = step["model_reduction"], step["loss_before"]
             else:
-                g = self._model_grads(objective, grads, variables)
                 predicted, before = quadratic.model_reduction(
-                    objective, step["old"], delta, g, damping
+                    objective, step["old"], delta, damping
                 )
             after = objective.loss(new)
             rho = quadratic.reduction_ratio(after - before, predicted)
@@ -275,21 +239,12 @@ class StepMonitor:
         # rho on track_rho's steps, and on logging steps when the batch loss
         # can be re-evaluated (model.compute_loss was called).
         has_loss = step["objective"] is not None
-        skip = None
         if self.rho_enabled and not has_loss and self.rho_optional:
-            self._warn_once("no_loss", _NO_LOSS)
-            skip = "no loss"
-        elif (self.rho_enabled or has_loss) and not self._forward_mode_ok():
-            if self.rho_enabled and not self.rho_optional:
-                raise ValueError(_no_forward_mode(self.forward_mode_blockers, asked=True))
-            if self.rho_enabled:
-                self._warn_once("no_forward_mode", _no_forward_mode(self.forward_mode_blockers))
-            skip = "no forward mode"
-        if skip is not None:
+            self._warn_no_loss_once()
             if self.diagnostics_enabled:
                 run_if(step["diag_now"], lambda: self._diagnostics(grads, delta, damping))
             self._step = None
-            return (tf.constant(float("nan")), tf.constant(False)) if self.rho_enabled else None
+            return tf.constant(float("nan")), tf.constant(False)
         when = step["rho_now"] if self.rho_enabled else tf.constant(False)
         if has_loss:
             when = when | step["diag_now"]
@@ -301,17 +256,17 @@ class StepMonitor:
         self._step = None
         return (rho, step["rho_now"]) if self.rho_enabled else None
 
-    def _forward_mode_ok(self):
-        """Whether rho's Jacobian-vector products can be traced here: the
-        model has no layer that blocks forward-mode autodiff in a traced
-        function (decided at :meth:`build`), or the step runs eagerly."""
-        return not self.forward_mode_blockers or tf.executing_eagerly()
-
-    def _warn_once(self, key, message):
-        if key in self._warned:
+    def _warn_no_loss_once(self):
+        if getattr(self, "_warned_no_loss", False):
             return
-        self._warned.add(key)
-        warnings.warn(message, stacklevel=3)
+        self._warned_no_loss = True
+        warnings.warn(
+            "KFAC keeps its damping fixed: this training step does not call "
+            "model.compute_loss, so rho (Levenberg-Marquardt damping) cannot be measured. "
+            "Pass damping_adaptation_interval=0 to silence this, or call "
+            "model.compute_loss(x, y, y_pred) in the train step.",
+            stacklevel=3,
+        )
 
     def _diagnostics(self, grads, delta, damping):
         opt = self._optimizer_ref

@@ -490,7 +490,12 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
             record = estimator.capture.current()
             objective = None
             if self.adaptive_step or self._monitor.uses_objective():
-                objective = quadratic.batch_objective(estimator.model(), estimator.capture, record)
+                objective = quadratic.batch_objective(
+                    estimator.model(),
+                    estimator.capture,
+                    record,
+                    forward_mode=not self._monitor.forward_mode_blockers,
+                )
             self._monitor.begin(grads, variables, record, objective)
             directions, ok, momentum_curvature = self._natural_directions(
                 grads, variables, learning_rate, objective
@@ -624,7 +629,6 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
                 previous[key(w)] = tf.cast(self.previous_update(w), tf.float32)
         result = quadratic.adaptive_step(
             objective,
-            objective.align({key(v): g for g, v in zip(grads, variables)}, key),
             objective.align(natural, key),
             objective.align(previous, key),
             damping,

@@ -47,12 +47,12 @@ def dot(us, vs):
     return tf.add_n([tf.reduce_sum(_f32(u) * _f32(v)) for u, v in zip(us, vs)])
 
 
-def batch_objective(model, capture, record):
+def batch_objective(model, capture, record, forward_mode=True):
     """The :class:`BatchObjective` of a step's ``record``, or None when the
     step did not call ``model.compute_loss`` (see :func:`require`)."""
     if record is None or record.loss_args is None:
         return None
-    return BatchObjective(model, capture, record.loss_args, record.state)
+    return BatchObjective(model, capture, record.loss_args, record.state, forward_mode)
 
 
 def require(objective):
@@ -80,10 +80,15 @@ class BatchObjective:
         loss_args: ``(x, y, sample_weight)`` recorded from ``compute_loss``.
         state: the non-trainable values when the step's forward pass began
             (``StepRecord.state``); None: their current values.
+        forward_mode: False when the model has a layer whose traced forward
+            pass cannot run under forward-mode autodiff
+            (``keras_kfac.layers.forward_mode_blockers``): :meth:`jvp` then
+            takes two reverse passes.
     """
 
-    def __init__(self, model, capture, loss_args, state=None):
+    def __init__(self, model, capture, loss_args, state=None, forward_mode=True):
         self.model = model
+        self.forward_mode = forward_mode
         self.capture = capture
         self.x, self.y, self.sample_weight = loss_args
         self.trainable = list(model.trainable_variables)
@@ -141,17 +146,49 @@ class BatchObjective:
             return self._loss(self._call())
 
     def jvp(self, values, tangents):
-        """``(h(theta), y_pred, J v)`` at ``values`` along ``tangents``: one
-        forward pass with a forward-mode accumulator."""
+        """``(h(theta), y_pred, J v, grad h(theta)^T v)`` at ``values`` along
+        ``tangents``: one forward pass with a forward-mode accumulator, or
+        with ``forward_mode=False`` two reverse passes (:meth:`_reverse_jvp`)."""
         values = [tf.convert_to_tensor(v) for v in values]
         tangents = [tf.cast(t, v.dtype) for t, v in zip(tangents, values)]
         with self.capture.paused():
+            if not self.forward_mode:
+                return self._reverse_jvp(values, tangents)
             with tf.autodiff.ForwardAccumulator(values, tangents) as acc:
                 with keras.StatelessScope(state_mapping=self._mapping(values), collect_losses=True):
                     y_pred = self._call()
                     loss = self._loss(y_pred)
             ju = acc.jvp(y_pred, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return loss, tf.nest.map_structure(tf.stop_gradient, y_pred), ju
+            slope = acc.jvp(loss, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return loss, tf.nest.map_structure(tf.stop_gradient, y_pred), ju, slope
+
+    def _reverse_jvp(self, values, tangents):
+        """:meth:`jvp` by reverse-over-reverse: ``J v = d/du <J^T u, v>``
+        (linear in ``u``, so its gradient at ``u = 0`` is exact), for models
+        whose forward pass cannot run under a ``ForwardAccumulator`` in a
+        traced function (``keras_kfac.layers.forward_mode_blockers``). Costs
+        a forward pass and three reverse passes against forward mode's one
+        forward pass with tangents."""
+        with tf.GradientTape() as outer:
+            with tf.GradientTape(persistent=True) as inner:
+                inner.watch(values)
+                with keras.StatelessScope(state_mapping=self._mapping(values), collect_losses=True):
+                    y_pred = self._call()
+                    loss = self._loss(y_pred)
+            flat_y = tf.nest.flatten(y_pred)
+            probes = [tf.zeros_like(y) for y in flat_y]
+            outer.watch(probes)
+            pulled = inner.gradient(
+                flat_y,
+                values,
+                output_gradients=probes,
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+            along = dot(pulled, tangents)
+        ju = outer.gradient(along, probes, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        grads = inner.gradient(loss, values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        y_pred = tf.nest.map_structure(tf.stop_gradient, y_pred)
+        return loss, y_pred, tf.nest.pack_sequence_as(y_pred, ju), dot(grads, tangents)
 
     def output_hvp(self, values, y_pred, u):
         """``H u`` with ``H`` the Hessian of the loss with respect to the model
@@ -169,11 +206,13 @@ class BatchObjective:
 
 def gram(objective, values, directions, damping):
     """Exact ``Q_ij = d_i^T (F + lambda I) d_j`` for a few directions, plus
-    ``h(theta)``. One Jacobian-vector forward pass per direction."""
-    jus, loss, y_pred = [], None, None
+    ``h(theta)`` and the slopes ``grad h(theta)^T d_i``. One Jacobian-vector
+    forward pass per direction."""
+    jus, slopes, loss, y_pred = [], [], None, None
     for d in directions:
-        loss, y_pred, ju = objective.jvp(values, d)
+        loss, y_pred, ju, slope = objective.jvp(values, d)
         jus.append(tf.nest.flatten(ju))
+        slopes.append(_f32(slope))
     hus = [objective.output_hvp(values, y_pred, tf.nest.pack_sequence_as(y_pred, ju)) for ju in jus]
     k = len(directions)
     rows = []
@@ -183,14 +222,22 @@ def gram(objective, values, directions, damping):
             row.append(dot(jus[i], hus[j]) + damping * dot(directions[i], directions[j]))
         rows.append(tf.stack(row))
     q = tf.stack(rows)
-    return 0.5 * (q + tf.transpose(q)), loss
+    return 0.5 * (q + tf.transpose(q)), loss, tf.stack(slopes)
 
 
-def model_reduction(objective, values, delta, grads, damping):
+def model_reduction(objective, values, delta, damping):
     """``(M(delta) - M(0), h(theta))`` with ``M`` as in sec. 6.5 and exact
-    GGN products (one Jacobian-vector forward pass)."""
-    q, loss = gram(objective, values, [delta], damping)
-    return 0.5 * q[0, 0] + dot(grads, delta), loss
+    GGN products (one Jacobian-vector forward pass).
+
+    The linear term is ``h``'s own slope along ``delta``, measured in the
+    same pass, not the step's gradient: the two differ when the gradient is
+    not ``h``'s (a loss term added outside ``model.compute_loss``, clipped
+    gradients), and ``rho`` then compared ``h``'s change with another
+    function's model. On the mixture-of-experts client (balancing penalty
+    added in ``train_step``, 100x ``h``'s slope) rho sat at ~0.01 and the
+    LM rule raised the damping 78x (benchmarks/results/robust.md)."""
+    q, loss, slopes = gram(objective, values, [delta], damping)
+    return 0.5 * q[0, 0] + slopes[0], loss
 
 
 def reduction_ratio(actual, predicted):
@@ -242,15 +289,15 @@ def solve_step_coefficients(q, b):
 AdaptiveStep = collections.namedtuple("AdaptiveStep", "alpha mu model_reduction loss")
 
 
-def adaptive_step(objective, grads, natural, previous, damping):
+def adaptive_step(objective, natural, previous, damping):
     """Sec. 7: ``(alpha, mu)`` minimising the exact quadratic model
     ``M(alpha Delta + mu delta_prev)`` for the natural direction ``Delta``
     (``natural``, ``-P(grad)``) and the previous update ``delta_prev``
-    (``previous``); ``grads``, ``natural`` and ``previous`` are lists aligned
+    (``previous``); ``natural`` and ``previous`` are lists aligned
     with ``objective.trainable`` (:meth:`BatchObjective.align`). The step is
-    ``alpha * Delta + mu * delta_prev``. Returns an :data:`AdaptiveStep`."""
-    q, loss = gram(objective, objective.current_values(), [natural, previous], damping)
-    b = tf.stack([dot(grads, natural), dot(grads, previous)])
+    ``alpha * Delta + mu * delta_prev``; the linear terms are ``h``'s own
+    slopes (see :func:`model_reduction`). Returns an :data:`AdaptiveStep`."""
+    q, loss, b = gram(objective, objective.current_values(), [natural, previous], damping)
     alpha, mu, reduction = solve_step_coefficients(q, b)
     return AdaptiveStep(alpha, mu, reduction, loss)
 

@@ -258,3 +258,103 @@ def test_quadratic_model_reuses_the_steps_dropout_masks():
     np.testing.assert_allclose(float(replayed), float(loss), rtol=1e-5)
     for g, r in zip(grads, replayed_grads):
         np.testing.assert_allclose(r.numpy(), g.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_rho_models_the_measured_loss_when_the_gradient_has_other_terms():
+    """A term added outside ``model.compute_loss`` (the mixture-of-experts
+    client's balancing penalty) is in the step's gradient but not in the
+    loss rho re-evaluates: rho's model uses that loss's own slope. Closed
+    form on linear regression with MSE: ``h(theta + delta) - h(theta) =
+    grad_h^T delta + 1/2 delta^T F delta`` exactly."""
+    import tensorflow as tf
+
+    x, y = _regression(seed=2)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    opt = keras_kfac.KFAC(damping=1e-2, damping_adaptation_interval=1, fisher="empirical")
+    model.compile(optimizer=opt, loss="mse")
+    layer = model.layers[0]
+    for _ in range(2):
+        theta = flat_params(layer)
+        grad, fisher = _mse_grad_and_fisher(layer, x, y)
+        damping = float(opt.damping)
+        with tf.GradientTape() as tape:
+            loss = model.compute_loss(x, y, model(x, training=True))
+            total = loss + 0.5 * tf.reduce_sum(tf.square(layer.kernel))
+        weights = model.trainable_variables
+        opt.apply_gradients(zip(tape.gradient(total, weights), weights))
+        delta = flat_params(layer) - theta
+        curvature = 0.5 * delta @ fisher @ delta
+        actual = grad @ delta + curvature
+        expected = actual / (grad @ delta + curvature + 0.5 * damping * delta @ delta)
+        rho = float(opt.diagnostics()["rho"])
+        np.testing.assert_allclose(rho, expected, rtol=2e-3)
+        # The step's own gradient (penalty included) would give another rho.
+        total_grad = grad.copy()
+        total_grad[:6] += np.asarray(layer.kernel).reshape(-1) - delta[:6]
+        with_penalty = actual / (total_grad @ delta + curvature + 0.5 * damping * delta @ delta)
+        assert abs(with_penalty - expected) > 0.1 * abs(expected)
+
+
+@pytest.mark.parametrize("layer", ["lstm", "dense"])
+def test_reverse_jacobian_vector_products_match_brute_force(layer):
+    """``BatchObjective.jvp`` by two reverse passes (models with a layer that
+    blocks forward mode, ``forward_mode=False``) in a traced function, and
+    by forward mode where it runs, against the dense Jacobian
+    (``GradientTape.jacobian``) and the loss gradient; the slope includes a
+    kernel regularizer's term."""
+    import tensorflow as tf
+
+    from keras_kfac import quadratic
+    from keras_kfac.capture import Capture
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(4, 3, 2)).astype("float32"))
+    y = tf.constant(rng.integers(0, 3, size=4))
+    hidden = keras.layers.LSTM(3) if layer == "lstm" else keras.layers.Flatten()
+    model = keras.Sequential(
+        [
+            keras.Input((3, 2)),
+            hidden,
+            keras.layers.Dense(3, kernel_regularizer=keras.regularizers.L2(0.1)),
+        ]
+    )
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    values = [tf.identity(v) for v in model.trainable_variables]
+    tangents = [tf.constant(rng.normal(size=v.shape).astype("float32")) for v in values]
+    capture = Capture(model, sampled=True)
+
+    def products(forward_mode):
+        with tf.GradientTape():  # a training pass: the capture records it
+            model.compute_loss(x, y, model(x, training=True))
+        objective = quadratic.batch_objective(
+            model, capture, capture.current(), forward_mode=forward_mode
+        )
+        return objective.jvp(values, tangents)
+
+    try:
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(values)
+            with keras.StatelessScope(
+                state_mapping=list(zip(model.trainable_variables, values)), collect_losses=True
+            ) as scope:
+                logits = model(x, training=True)
+                loss = model.compute_loss(x, y, logits)
+        del scope
+        jacobians = tape.jacobian(logits, values)
+        expected_ju = sum(
+            tf.tensordot(j, t, axes=len(t.shape)).numpy() for j, t in zip(jacobians, tangents)
+        )
+        expected_slope = sum(
+            float(tf.reduce_sum(g * t)) for g, t in zip(tape.gradient(loss, values), tangents)
+        )
+        runs = {"reverse, traced": tf.function(lambda: products(False))()}
+        runs["forward, eager"] = products(True)
+        if layer == "dense":
+            runs["forward, traced"] = tf.function(lambda: products(True))()
+    finally:
+        capture.remove()
+    for name, (value, _, ju, slope) in runs.items():
+        np.testing.assert_allclose(float(value), float(loss), rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(ju.numpy(), expected_ju, rtol=1e-4, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(float(slope), expected_slope, rtol=1e-4, err_msg=name)

@@ -3,6 +3,7 @@ are read back and their values checked against the optimizer's state."""
 
 import glob
 import os
+import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -430,35 +431,30 @@ def test_damping_adaptation_interval_rejects_bad_values():
         keras_kfac.KFAC(damping_adaptation_interval=-1)
 
 
-def test_fixed_damping_when_rho_cannot_be_traced_through_a_recurrent_layer():
-    """TF 2.21 cannot run an LSTM's graph-mode forward pass under forward-mode
-    autodiff (the quadratic model's rho): KFAC() trains with its damping
-    fixed and says why once, instead of failing."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(16, 4, 2)).astype("float32")
-    y = rng.integers(0, 3, 16)
-    model = keras.Sequential([keras.Input((4, 2)), keras.layers.LSTM(3), keras.layers.Dense(3)])
-    opt = keras_kfac.KFAC(damping=1e-2)
-    model.compile(opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    with pytest.warns(UserWarning, match="keeps its damping fixed.*'lstm'.*unroll=True"):
-        history = model.fit(x, y, batch_size=8, epochs=3, verbose=0)
-    assert np.isfinite(history.history["loss"]).all()
-    np.testing.assert_allclose(float(opt.damping), 1e-2, rtol=1e-7)
-
-
-def test_rho_asked_for_on_a_recurrent_layer_names_the_fix():
+@pytest.mark.parametrize("kind", ["lstm", "gru_adaptive_damping"])
+def test_damping_adapts_through_a_recurrent_layer_in_a_traced_step(kind):
+    """TF 2.21 cannot run an LSTM's traced forward pass under forward-mode
+    autodiff; the layer blocks declare it, and rho's products take reverse
+    passes instead (brute force: test_adaptive.py): the LM default and
+    AdaptiveDamping adapt the damping by the measured rho, silently."""
     from keras_kfac.callbacks import AdaptiveDamping
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(16, 4, 2)).astype("float32")
     y = rng.integers(0, 3, 16)
-    model = keras.Sequential([keras.Input((4, 2)), keras.layers.GRU(3), keras.layers.Dense(3)])
-    model.compile(
-        keras_kfac.KFAC(damping=1e-2),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    with pytest.raises(ValueError, match="run_eagerly=True.*unroll=True"):
-        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[AdaptiveDamping(every=2)])
+    rnn = keras.layers.LSTM(3) if kind == "lstm" else keras.layers.GRU(3)
+    model = keras.Sequential([keras.Input((4, 2)), rnn, keras.layers.Dense(3)])
+    opt = keras_kfac.KFAC(damping=1e-2)
+    model.compile(opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    callbacks = [AdaptiveDamping(every=2)] if kind != "lstm" else []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        history = model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=callbacks)
+    assert np.isfinite(history.history["loss"]).all()
+    assert opt.monitor.forward_mode_blockers
+    rho = float(opt.diagnostics()["rho"])
+    assert np.isfinite(rho) and int(opt.diagnostics()["rho_step"]) > 0
+    assert abs(float(opt.damping) - 1e-2) > 1e-4
 
 
 def test_an_unexpected_error_while_tracing_rho_propagates(monkeypatch):
