@@ -126,3 +126,21 @@ def test_xla_and_overhead_suites_quick_mode(tmp_path):
         for row in rows:
             times = [row[k] for k in ("graph_ms", "xla_ms", "mean_step_ms") if k in row]
             assert times and all(t > 0 for t in times)
+
+
+def test_robust_step_cost_quick_mode():
+    """benchmarks/robust.py: both runs timed interleaved, ratios to the
+    fixed-damping run (1.00 for itself) and the load recorded."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "robust.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| KFAC(")]
+    assert len(rows) == 2, result.stdout
+    lm, fixed = ([float(c) for c in row.split("|")[2:6]] for row in rows)
+    assert fixed[2:] == [1.0, 1.0]
+    assert all(v > 0 for v in lm)
+    assert "load average" in result.stdout
