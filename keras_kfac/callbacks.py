@@ -54,8 +54,10 @@ class AdaptiveDamping(keras.callbacks.Callback):
     Every ``every`` steps, inside the train step and on the step's own batch,
     the reduction ratio ``rho = (h(theta + delta) - h(theta)) / (M(delta) -
     M(0))`` is computed with ``M(delta) = 1/2 delta^T (F + lambda I) delta +
-    grad^T delta`` and exact GGN-vector products (one forward pass with a
-    forward-mode Jacobian-vector product and one stateless forward pass; see
+    grad_h^T delta`` (``grad_h``: the slope of the re-evaluated loss ``h``)
+    and exact GGN-vector products (one forward pass with a forward-mode
+    Jacobian-vector product, two reverse passes for recurrent layers without
+    ``unroll=True``, and one stateless forward pass; see
     :mod:`keras_kfac.quadratic`). Then ``lambda <- decay * lambda`` if ``rho >
     3/4`` and ``lambda <- lambda / decay`` if ``rho < 1/4`` or ``rho`` is not
     finite (including a model that predicts no decrease), clipped to
