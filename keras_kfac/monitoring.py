@@ -202,7 +202,7 @@ class StepMonitor:
         if self._step is not None:
             self._step.update(model_reduction=result.model_reduction, loss_before=result.loss)
 
-    def end(self, grads, variables):
+    def end(self, grads):
         """After the update: ``rho`` and diagnostics. Returns ``(rho,
         rho_now)``: this step's ``rho`` (NaN when not computed) and whether
         this is one of :meth:`track_rho`'s steps, or None when ``rho`` is

@@ -516,7 +516,7 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
                 if fallback:
                     # The fallback all-reduces its own (local) gradients.
                     self._fallback.apply([g for g, _ in fallback], [v for _, v in fallback])
-                rho = self._monitor.end(grads, variables)
+                rho = self._monitor.end(grads)
                 if rho is not None and self.damping_is_adaptive:
                     self._damping.assign(
                         self._levenberg_marquardt.next_damping(self._damping.value, *rho)
