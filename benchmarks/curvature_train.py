@@ -77,7 +77,7 @@ def main(argv=None):
         from mnist_autoencoder import build_autoencoder
 
         x = x.reshape(len(x), -1)
-        build = lambda: build_autoencoder(seed=0)  # noqa: E731
+        build = lambda: build_autoencoder(seed=0, activation="sigmoid")  # noqa: E731
     else:
         x = x.reshape(len(x), 14, 2, 14, 2).mean(axis=(2, 4)).reshape(len(x), -1)
         build = lambda: small_autoencoder(x.shape[1], seed=0)  # noqa: E731

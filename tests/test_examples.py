@@ -32,7 +32,12 @@ def test_mnist_autoencoder_quick(raw_data, tfds_dir):
     assert "Summary: MNIST autoencoder" in proc.stdout, out[-4000:]
     for name in ("kfac", "adam"):
         row = re.search(
-            rf"^{name}\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", proc.stdout, re.M
+            rf"^{name}\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$",
+            proc.stdout,
+            re.M,
         )
         assert row, f"no summary row for {name}:\n{proc.stdout[-2000:]}"
         assert int(row.group(1)) == 2  # 512 images, batch 256, 1 epoch
+    # Each optimizer's test-loss trace is compared with the other's final loss.
+    assert re.search(r"^kfac (reached|did not reach) adam's final test loss", proc.stdout, re.M)
+    assert re.search(r"^adam (reached|did not reach) kfac's final test loss", proc.stdout, re.M)
