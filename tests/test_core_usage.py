@@ -398,9 +398,10 @@ def test_other_backend_is_a_clear_error():
     "batch, options, cadence",
     [
         (16, {}, (10, 20)),
-        (512, {}, (5, 10)),
-        (512, {"inverse_every": 3}, (5, 3)),
-        (512, {"stats_every": 4, "inverse_every": 8}, (4, 8)),
+        (999, {}, (10, 20)),
+        (1000, {}, (5, 10)),
+        (1000, {"inverse_every": 3}, (5, 3)),
+        (1000, {"stats_every": 4, "inverse_every": 8}, (4, 8)),
     ],
 )
 def test_cadence_follows_the_first_batch(batch, options, cadence):
