@@ -115,7 +115,7 @@ def location_gram(x):
     """``sum_{n,t} x x^T`` of ``(n, T, d)`` rows; per group for grouped
     rows ``(n, T, groups, d)``."""
     if len(x.shape) == 3:
-        return gram(tf.reshape(x, (-1, x.shape[-1])))
+        return gram(tf.reshape(x, tf.stack([-1, tf.shape(x)[-1]])))
     return tf.einsum("nt...i,nt...j->...ij", x, x)
 
 
