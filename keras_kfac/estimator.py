@@ -235,6 +235,15 @@ class CurvatureEstimator:
             batches = replicas.gather_batches(batches)
         return batches
 
+    def batch_size(self, record) -> tf.Tensor:
+        """The examples of this step's forward pass (this replica's): the
+        largest leading dimension among the recorded uses of block layers
+        (0 when none was recorded)."""
+        sizes = [
+            tf.shape(x)[0] for block in self.blocks for x in record.inputs.get(id(block.layer), [])
+        ]
+        return tf.reduce_max(tf.stack(sizes)) if sizes else tf.constant(0)
+
     @staticmethod
     def statistics_finite(batches) -> tf.Tensor:
         """True when every block's ``a`` and ``g`` have a finite sum of

@@ -144,3 +144,27 @@ def test_robust_step_cost_quick_mode():
     assert fixed[2:] == [1.0, 1.0]
     assert all(v > 0 for v in lm)
     assert "load average" in result.stdout
+
+
+@pytest.mark.slow  # two KFAC compilations
+def test_stepcost_quick_mode(tmp_path):
+    env = dict(os.environ, KERAS_KFAC_RESULTS=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "stepcost.py"), "--quick"]
+    result = subprocess.run(
+        command + ["--tasks", "mlp", "--steps", "12", "--round", "6", "--curve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    task = json.loads((tmp_path / "stepcost_breakdown_quick.json").read_text())["tasks"]["mlp"]
+    assert set(task["runs"]) == {"adamw lr=0.001", "kfac"}
+    kfac = task["runs"]["kfac"]
+    # 11 timed steps (0 is the compile): statistics at 10, rho at 4 and 9.
+    assert set(kfac["extra_ms"]) == {"stats", "rho"}
+    assert kfac["plain_ms"] > 0 and kfac["first_step_s"] > 0 and math.isfinite(kfac["final"])
+    assert [step for step, _ in kfac["curve"]] == [6, 12]
+    assert task["runs"]["adamw lr=0.001"]["ratio"] == 1.0
+    assert (tmp_path / "stepcost_breakdown_quick.md").stat().st_size > 0

@@ -392,3 +392,32 @@ def test_other_backend_is_a_clear_error():
     )
     assert result.returncode != 0
     assert "KERAS_BACKEND=tensorflow" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "batch, options, cadence",
+    [
+        (16, {}, (10, 20)),
+        (999, {}, (10, 20)),
+        (1000, {}, (5, 10)),
+        (1000, {"inverse_every": 3}, (5, 3)),
+        (1000, {"stats_every": 4, "inverse_every": 8}, (4, 8)),
+    ],
+)
+def test_cadence_follows_the_first_batch(batch, options, cadence):
+    # 2 * batch examples: the steps of the second epoch include a short
+    # batch, which must not change the cadence chosen at the first step.
+    x, y = classification_data(n=2 * batch + 3)
+    model = mlp()
+    opt = keras_kfac.KFAC(**options)
+    model.compile(optimizer=opt, loss=SCCE)
+    assert opt.cadence == (None if not options.get("stats_every") else cadence)
+    model.fit(x, y, batch_size=batch, epochs=5, verbose=0, shuffle=False)  # steps 0..14
+    assert opt.cadence == cadence
+    stats_every, _ = cadence
+    assert int(opt._stats_updates) == len(range(0, 15, stats_every))
+    clone = keras_kfac.KFAC.from_config(opt.get_config())
+    assert (clone.stats_every, clone.inverse_every) == (
+        options.get("stats_every"),
+        options.get("inverse_every"),
+    )

@@ -19,6 +19,8 @@ from typing import Callable, Optional
 
 import tensorflow as tf
 
+from keras_kfac.curvature import factors as F
+
 
 class LayerBatch:
     """What one layer recorded in one train step, as per-location tensors.
@@ -104,7 +106,7 @@ class LayerBatch:
             count = self._location_count(g)
         if self.block.g_is_diagonal:
             return tf.einsum("nti,nti->i", g, g) / count
-        return tf.einsum("nt...i,nt...j->...ij", g, g) / count
+        return F.location_gram(g) / count
 
     def statistics_tensors(self):
         """What must be finite for this batch's statistics to be used: ``g``,
@@ -131,13 +133,13 @@ def locations(x):
 def factor_a(a):
     """``A = (1/n) sum_i sum_t a_bar a_bar^T`` (KFC: summed over locations);
     one per group for grouped blocks."""
-    return tf.einsum("nt...i,nt...j->...ij", a, a) / batch_size(a)
+    return F.location_gram(a) / batch_size(a)
 
 
 def factor_g(g):
     """``G = (1/(n T)) sum_i sum_t g g^T`` (KFC: averaged over locations);
     one per group for grouped blocks."""
-    return tf.einsum("nt...i,nt...j->...ij", g, g) / (batch_size(g) * locations(g))
+    return F.location_gram(g) / (batch_size(g) * locations(g))
 
 
 def group_shape(block):

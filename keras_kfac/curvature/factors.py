@@ -70,6 +70,55 @@ def damped_inverse(m, damping):
     return symmetrize(tf.linalg.cholesky_solve(chol, eye))
 
 
+#: ``gram`` forms a factor wider than this in about ``d / GRAM_BLOCK``
+#: column blocks, from at least ``GRAM_MIN_ROWS`` rows.
+GRAM_BLOCK = 320
+GRAM_MIN_ROWS = 512
+
+
+def gram(x):
+    """``x^T x`` of the rows ``x`` ``(N, d)``, the sum of outer products of
+    a Kronecker factor. From ``GRAM_MIN_ROWS`` rows a wide factor is formed
+    from its upper column blocks ``x_i^T x_j`` (``i <= j``), the lower ones
+    their transposes: the same dot products in ``(k + 1) / 2k`` of the
+    flops for ``k`` blocks, and exactly symmetric. On 2 busy CPU cores
+    (oneDNN, load 5-8) it took 9-10 ms instead of 14-17 for N = 1000,
+    d = 785, and 14-16 instead of 22-37 for d = 1001; with 128 rows one
+    product was faster (1.8 against 2.0-2.5 ms)."""
+    d = x.shape[-1]
+    k = max(1, round(d / GRAM_BLOCK)) if d is not None else 1
+    if k == 1:
+        return tf.matmul(x, x, transpose_a=True)
+
+    def blocked():
+        edges = [round(i * d / k) for i in range(k + 1)]
+        parts = [x[:, edges[i] : edges[i + 1]] for i in range(k)]
+        upper = {
+            (i, j): tf.matmul(parts[i], parts[j], transpose_a=True)
+            for i in range(k)
+            for j in range(i, k)
+        }
+        rows = [
+            tf.concat([upper[i, j] if i <= j else tf.transpose(upper[j, i]) for j in range(k)], 1)
+            for i in range(k)
+        ]
+        return tf.concat(rows, 0)
+
+    if x.shape[0] is not None:
+        return blocked() if x.shape[0] >= GRAM_MIN_ROWS else tf.matmul(x, x, transpose_a=True)
+    return tf.cond(
+        tf.shape(x)[0] >= GRAM_MIN_ROWS, blocked, lambda: tf.matmul(x, x, transpose_a=True)
+    )
+
+
+def location_gram(x):
+    """``sum_{n,t} x x^T`` of ``(n, T, d)`` rows; per group for grouped
+    rows ``(n, T, groups, d)``."""
+    if len(x.shape) == 3:
+        return gram(tf.reshape(x, tf.stack([-1, tf.shape(x)[-1]])))
+    return tf.einsum("nt...i,nt...j->...ij", x, x)
+
+
 def safe_eigh(m):
     """Eigendecomposition of a PSD factor with eigenvalues clipped at 0.
 
