@@ -27,7 +27,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from keras_kfac import compat, exact, quadratic
+from keras_kfac import exact, quadratic
 from keras_kfac.curvature import factors as factor_math
 from keras_kfac.estimator import MAX_DENSE_PARAMETERS
 from keras_kfac.graph_util import run_if, untracked_variable
@@ -181,15 +181,6 @@ class StepMonitor:
             model = opt.estimator.model()
             self._step["old"] = [tf.identity(v.value) for v in model.trainable_variables]
 
-    def _model_grads(self, objective, grads, variables):
-        """The step's gradients aligned with ``model.trainable_variables``."""
-        opt = self._optimizer_ref
-
-        def key(v):
-            return compat.variable_key(opt, v)
-
-        return objective.align({key(v): g for g, v in zip(grads, variables)}, key)
-
     def note_preconditioning(self, matrices, preconditioned, scale):
         """Record ``V`` and ``P(V)`` per block and the KL-clip scale nu."""
         if self._step is not None:
@@ -219,7 +210,10 @@ class StepMonitor:
         delta = [tf.cast(n, tf.float32) - tf.cast(o, tf.float32) for n, o in zip(new, step["old"])]
 
         def compute_rho():
-            objective = quadratic.require(step["objective"])
+            # Actual and predicted reductions of one objective: the
+            # quadratic model's sub-batch (the whole batch when it cannot
+            # be sliced), the same one the adaptive step used.
+            objective = quadratic.require(step["objective"]).subset
             exact_reuse = (
                 "model_reduction" in step
                 and not opt.estimator.fallback_variables
@@ -228,9 +222,8 @@ class StepMonitor:
             if exact_reuse:
                 predicted, before = step["model_reduction"], step["loss_before"]
             else:
-                g = self._model_grads(objective, grads, variables)
                 predicted, before = quadratic.model_reduction(
-                    objective, step["old"], delta, g, damping
+                    objective, step["old"], delta, damping
                 )
             after = objective.loss(new)
             rho = quadratic.reduction_ratio(after - before, predicted)

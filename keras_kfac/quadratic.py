@@ -23,6 +23,13 @@ forms ``u^T F v = (J u)^T H (J v)`` need one forward-mode Jacobian-vector
 product per direction (``tf.autodiff.ForwardAccumulator``) and one
 forward-over-reverse Hessian-vector product at the output, which is cheap.
 
+The model may be evaluated on a sub-batch, as Martens & Grosse suggest for
+both (secs. 6.5 and 7), so that it costs a fraction of a forward pass: the first
+``m`` examples of the step's batch (:meth:`BatchObjective.subset`), with the
+step's own non-trainable state. ``rho`` then measures the actual and the
+predicted reduction of that same sub-batch objective, and the adaptive step
+minimises that sub-batch's model (see :func:`adaptive_step`).
+
 Every forward pass here is *stateless* (``keras.StatelessScope``): parameters
 are given as tensors, non-trainable state (BatchNormalization statistics,
 dropout seeds) is read from one snapshot and never written, so the passes
@@ -32,6 +39,7 @@ have no side effects and all of them see the same dropout masks.
 import collections
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_kfac import compat
@@ -47,12 +55,52 @@ def dot(us, vs):
     return tf.add_n([tf.reduce_sum(_f32(u) * _f32(v)) for u, v in zip(us, vs)])
 
 
-def batch_objective(model, capture, record):
+def batch_objective(model, capture, record, sub_batch_size=None):
     """The :class:`BatchObjective` of a step's ``record``, or None when the
-    step did not call ``model.compute_loss`` (see :func:`require`)."""
+    step did not call ``model.compute_loss`` (see :func:`require`); its
+    :attr:`~BatchObjective.subset` holds the first ``sub_batch_size``
+    examples (None: the whole batch)."""
     if record is None or record.loss_args is None:
         return None
-    return BatchObjective(model, capture, record.loss_args, record.state)
+    return BatchObjective(model, capture, record.loss_args, record.state, sub_batch_size)
+
+
+#: Reductions under which a loss is a mean over the examples, so that a
+#: sub-batch's loss estimates the batch's on the same scale.
+_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
+
+
+def sub_batch_blocker(model, loss_args, size):
+    """Why the quadratic model cannot run on the first ``size`` examples of
+    ``loss_args`` (a sentence), or None when it can. Slicing must leave the
+    loss an unbiased, same-scale estimate of the batch loss: no layer may
+    couple the examples (batch statistics, stateful recurrent state), the
+    loss must be a mean over examples, and every loss argument must be a
+    batch-major dense array."""
+    for layer in [model] + compat.flatten_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            return f"{layer.name!r} normalizes with statistics of the whole batch"
+        if getattr(layer, "stateful", False):
+            return f"{layer.name!r} is stateful (its state has the batch's size)"
+    if type(model).compute_loss is not keras.Model.compute_loss:
+        return f"{type(model).__name__} overrides compute_loss (its scale is unknown)"
+    for loss in tf.nest.flatten(getattr(model, "loss", None)):
+        reduction = getattr(loss, "reduction", "sum_over_batch_size")
+        if isinstance(loss, keras.losses.Loss) and reduction not in _MEAN_REDUCTIONS:
+            return f"the loss {loss.name!r} has reduction={reduction!r}, not a mean"
+    leading = set()
+    for leaf in tf.nest.flatten(loss_args):
+        if leaf is None:
+            continue
+        if not isinstance(leaf, (tf.Tensor, tf.Variable, np.ndarray)) or len(leaf.shape) == 0:
+            return f"a loss argument is a {type(leaf).__name__}, not a batch-major dense array"
+        leading.add(leaf.shape[0])
+    known = {n for n in leading if n is not None}
+    if len(known) > 1:
+        return f"the loss arguments have different leading sizes {sorted(known)}"
+    if known and known.pop() <= size:
+        return "the batch is not larger than the sub-batch"
+    return None
 
 
 def require(objective):
@@ -80,9 +128,10 @@ class BatchObjective:
         loss_args: ``(x, y, sample_weight)`` recorded from ``compute_loss``.
         state: the non-trainable values when the step's forward pass began
             (``StepRecord.state``); None: their current values.
+        sub_batch_size: the size of :attr:`subset` (None: the whole batch).
     """
 
-    def __init__(self, model, capture, loss_args, state=None):
+    def __init__(self, model, capture, loss_args, state=None, sub_batch_size=None):
         self.model = model
         self.capture = capture
         self.x, self.y, self.sample_weight = loss_args
@@ -97,6 +146,16 @@ class BatchObjective:
         if state is None:
             state = [tf.identity(v.value) for v in self.non_trainable]
         self.state = list(state)
+        #: The same objective on the first ``sub_batch_size`` examples, with
+        #: this step's state; ``self`` when slicing is not possible
+        #: (:func:`sub_batch_blocker`). Sliced here, once per step and outside
+        #: the ``tf.cond`` branches that use it.
+        self.subset = self
+        if sub_batch_size is not None and not sub_batch_blocker(model, loss_args, sub_batch_size):
+            sliced = tf.nest.map_structure(
+                lambda t: None if t is None else t[:sub_batch_size], tuple(loss_args)
+            )
+            self.subset = BatchObjective(model, capture, sliced, self.state)
 
     def _mapping(self, values):
         return list(zip(self.trainable, values)) + list(zip(self.non_trainable, self.state))
@@ -141,8 +200,10 @@ class BatchObjective:
             return self._loss(self._call())
 
     def jvp(self, values, tangents):
-        """``(h(theta), y_pred, J v)`` at ``values`` along ``tangents``: one
-        forward pass with a forward-mode accumulator."""
+        """``(h(theta), y_pred, J v, grad h^T v)`` at ``values`` along
+        ``tangents``: one forward pass with a forward-mode accumulator (the
+        directional derivative of the loss comes with it, no backward
+        pass)."""
         values = [tf.convert_to_tensor(v) for v in values]
         tangents = [tf.cast(t, v.dtype) for t, v in zip(tangents, values)]
         with self.capture.paused():
@@ -151,7 +212,8 @@ class BatchObjective:
                     y_pred = self._call()
                     loss = self._loss(y_pred)
             ju = acc.jvp(y_pred, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return loss, tf.nest.map_structure(tf.stop_gradient, y_pred), ju
+            slope = acc.jvp(loss, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return loss, tf.nest.map_structure(tf.stop_gradient, y_pred), ju, slope
 
     def output_hvp(self, values, y_pred, u):
         """``H u`` with ``H`` the Hessian of the loss with respect to the model
@@ -168,12 +230,14 @@ class BatchObjective:
 
 
 def gram(objective, values, directions, damping):
-    """Exact ``Q_ij = d_i^T (F + lambda I) d_j`` for a few directions, plus
-    ``h(theta)``. One Jacobian-vector forward pass per direction."""
-    jus, loss, y_pred = [], None, None
+    """Exact ``Q_ij = d_i^T (F + lambda I) d_j`` for a few directions, with
+    ``h(theta)`` and the slopes ``grad h^T d_i`` (a vector). One
+    Jacobian-vector forward pass per direction."""
+    jus, slopes, loss, y_pred = [], [], None, None
     for d in directions:
-        loss, y_pred, ju = objective.jvp(values, d)
+        loss, y_pred, ju, slope = objective.jvp(values, d)
         jus.append(tf.nest.flatten(ju))
+        slopes.append(slope)
     hus = [objective.output_hvp(values, y_pred, tf.nest.pack_sequence_as(y_pred, ju)) for ju in jus]
     k = len(directions)
     rows = []
@@ -183,14 +247,16 @@ def gram(objective, values, directions, damping):
             row.append(dot(jus[i], hus[j]) + damping * dot(directions[i], directions[j]))
         rows.append(tf.stack(row))
     q = tf.stack(rows)
-    return 0.5 * (q + tf.transpose(q)), loss
+    return 0.5 * (q + tf.transpose(q)), loss, _f32(tf.stack(slopes))
 
 
-def model_reduction(objective, values, delta, grads, damping):
-    """``(M(delta) - M(0), h(theta))`` with ``M`` as in sec. 6.5 and exact
-    GGN products (one Jacobian-vector forward pass)."""
-    q, loss = gram(objective, values, [delta], damping)
-    return 0.5 * q[0, 0] + dot(grads, delta), loss
+def model_reduction(objective, values, delta, damping):
+    """``(M(delta) - M(0), h(theta))`` with ``M`` as in sec. 6.5 for
+    ``objective``: exact GGN products and the objective's own gradient, so
+    that ``rho`` compares the actual and predicted reductions of one
+    function (one Jacobian-vector forward pass)."""
+    q, loss, slopes = gram(objective, values, [delta], damping)
+    return 0.5 * q[0, 0] + slopes[0], loss
 
 
 def reduction_ratio(actual, predicted):
@@ -242,17 +308,24 @@ def solve_step_coefficients(q, b):
 AdaptiveStep = collections.namedtuple("AdaptiveStep", "alpha mu model_reduction loss")
 
 
-def adaptive_step(objective, grads, natural, previous, damping):
+def adaptive_step(objective, natural, previous, damping):
     """Sec. 7: ``(alpha, mu)`` minimising the exact quadratic model
-    ``M(alpha Delta + mu delta_prev)`` for the natural direction ``Delta``
-    (``natural``, ``-P(grad)``) and the previous update ``delta_prev``
-    (``previous``); ``grads``, ``natural`` and ``previous`` are lists aligned
-    with ``objective.trainable`` (:meth:`BatchObjective.align`). The step is
-    ``alpha * Delta + mu * delta_prev``. Returns an :data:`AdaptiveStep`."""
-    q, loss = gram(objective, objective.current_values(), [natural, previous], damping)
-    b = tf.stack([dot(grads, natural), dot(grads, previous)])
-    alpha, mu, reduction = solve_step_coefficients(q, b)
-    return AdaptiveStep(alpha, mu, reduction, loss)
+    ``M(alpha Delta + mu delta_prev)`` of ``objective`` for the natural
+    direction ``Delta`` (``natural``, ``-P(grad)``) and the previous update
+    ``delta_prev`` (``previous``), lists aligned with ``objective.trainable``
+    (:meth:`BatchObjective.align`). The step is ``alpha * Delta + mu *
+    delta_prev``. Returns an :data:`AdaptiveStep`.
+
+    Both ``Q`` and the linear term ``b_i = grad h^T d_i`` come from
+    ``objective``, also when it is a sub-batch (:attr:`BatchObjective.subset`;
+    ``b`` comes free with the forward passes of ``Q``). The whole batch's
+    gradient in ``b`` was measured no better (benchmarks/results/
+    quadratic.md: same or lower efficiency, and a tenth-percentile step
+    that increased the whole batch's model at 16 of 128 examples), and it
+    would let the sub-batch's own model predict an increase, leaving ``rho``
+    undefined."""
+    q, loss, b = gram(objective, objective.current_values(), [natural, previous], damping)
+    return AdaptiveStep(*solve_step_coefficients(q, b), loss)
 
 
 class LevenbergMarquardt:
