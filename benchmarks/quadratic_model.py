@@ -212,9 +212,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--every", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="smoke: 6 steps")
+    ap.add_argument("--quick", action="store_true", help="smoke: 10 steps")
     args = ap.parse_args(argv)
-    steps, every = (6, 2) if args.quick else (args.steps, args.every)
+    steps, every = (10, 5) if args.quick else (args.steps, args.every)
     load = [os.getloadavg()[0]]
     lines = [
         "### The quadratic model on a sub-batch: spread against the whole batch",
