@@ -23,12 +23,12 @@ forms ``u^T F v = (J u)^T H (J v)`` need one forward-mode Jacobian-vector
 product per direction (``tf.autodiff.ForwardAccumulator``) and one
 forward-over-reverse Hessian-vector product at the output, which is cheap.
 
-The model may be evaluated on a sub-batch, as Martens & Grosse suggest for
-both (secs. 6.5 and 7), so that it costs a fraction of a forward pass: the first
-``m`` examples of the step's batch (:meth:`BatchObjective.subset`), with the
-step's own non-trainable state. ``rho`` then measures the actual and the
-predicted reduction of that same sub-batch objective, and the adaptive step
-minimises that sub-batch's model (see :func:`adaptive_step`).
+The model may be evaluated on a sub-batch, so that it costs a fraction of a
+forward pass: the first ``m`` examples of the step's batch
+(:attr:`BatchObjective.subset`), with the step's own non-trainable state.
+``rho`` then measures the actual and the predicted reduction of that same
+sub-batch objective, and the adaptive step minimises that sub-batch's model
+(see :func:`adaptive_step`).
 
 Every forward pass here is *stateless* (``keras.StatelessScope``): parameters
 are given as tensors, non-trainable state (BatchNormalization statistics,
