@@ -562,10 +562,27 @@ def suite_overhead(args):
     steps = 6 if args.quick else args.steps
     needed = args.batch * (steps + 1)
     x = np.concatenate([x] * -(-needed // len(x)))[:needed]  # repeat MNIST for long runs
+    peer_cadence = dict(
+        adaptive_step=True, damping=1.0, stats_every=1, stats_decay=0.95, inverse_every=5
+    )
     configs = [
         ("adam lr=0.001", lambda: keras.optimizers.Adam(1e-3)),
         ("kfac (defaults)", lambda: keras_kfac.KFAC()),
+        # What the quadratic model costs: fixed damping has none, the whole
+        # batch was the default before quadratic_model_batch_size.
+        ("kfac fixed damping", lambda: keras_kfac.KFAC(damping_adaptation_interval=0)),
+        (
+            "kfac whole-batch quadratic model",
+            lambda: keras_kfac.KFAC(quadratic_model_batch_size=None),
+        ),
     ]
+    for size in (64, 250, None):
+        configs.append(
+            (
+                f"kfac adaptive peer cadence quadratic_model_batch_size={size}",
+                lambda s=size: keras_kfac.KFAC(quadratic_model_batch_size=s, **peer_cadence),
+            )
+        )
     for stats_every in (1, 10):
         for inverse_every in (20, 100):
             configs.append(

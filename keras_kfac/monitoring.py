@@ -215,10 +215,20 @@ class StepMonitor:
         opt = self._optimizer_ref
         model_vars = opt.estimator.model().trainable_variables
         new = [v.value for v in model_vars]
-        delta = [tf.cast(n, tf.float32) - tf.cast(o, tf.float32) for n, o in zip(new, step["old"])]
+
+        def update():
+            # Formed inside the branches that use it: outside, the
+            # subtraction ran on every step (with the snapshot, 1.3 ms of a
+            # 12 ms MLP step).
+            return [
+                tf.cast(n, tf.float32) - tf.cast(o, tf.float32) for n, o in zip(new, step["old"])
+            ]
 
         def compute_rho():
-            objective = quadratic.require(step["objective"])
+            # Actual and predicted reductions of one objective: the
+            # quadratic model's sub-batch (the whole batch when it cannot
+            # be sliced), the same one the adaptive step used.
+            objective = quadratic.require(step["objective"]).subset
             exact_reuse = (
                 "model_reduction" in step
                 and not opt.estimator.fallback_variables
@@ -228,7 +238,7 @@ class StepMonitor:
                 predicted, before = step["model_reduction"], step["loss_before"]
             else:
                 predicted, before = quadratic.model_reduction(
-                    objective, step["old"], delta, damping
+                    objective, step["old"], update(), damping
                 )
             after = objective.loss(new)
             rho = quadratic.reduction_ratio(after - before, predicted)
@@ -242,7 +252,7 @@ class StepMonitor:
         if self.rho_enabled and not has_loss and self.rho_optional:
             self._warn_no_loss_once()
             if self.diagnostics_enabled:
-                run_if(step["diag_now"], lambda: self._diagnostics(grads, delta, damping))
+                run_if(step["diag_now"], lambda: self._diagnostics(grads, update(), damping))
             self._step = None
             return tf.constant(float("nan")), tf.constant(False)
         when = step["rho_now"] if self.rho_enabled else tf.constant(False)
@@ -252,7 +262,7 @@ class StepMonitor:
         if self.rho_enabled or has_loss:
             rho = tf.cond(when, compute_rho, lambda: tf.constant(float("nan")))
         if self.diagnostics_enabled:
-            run_if(step["diag_now"], lambda: self._diagnostics(grads, delta, damping))
+            run_if(step["diag_now"], lambda: self._diagnostics(grads, update(), damping))
         self._step = None
         return (rho, step["rho_now"]) if self.rho_enabled else None
 

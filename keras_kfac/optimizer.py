@@ -139,6 +139,20 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
             sec. 7); ``learning_rate``, ``momentum`` and ``kl_clip`` then do
             not apply to the curvature blocks. Needs ``model.compute_loss``
             (``model.fit`` calls it). See :mod:`keras_kfac.quadratic`.
+        quadratic_model_batch_size: the exact quadratic model (``rho`` of the
+            damping rule, ``adaptive_step``'s curvature) is evaluated on the
+            first this many examples of the step's batch, so that it costs a
+            fraction of a forward pass; ``rho`` compares actual and predicted
+            reductions on that same sub-batch. None: the whole batch. The
+            whole batch is also used where slicing would change the loss: a
+            BatchNormalization layer (batch statistics), a stateful RNN, a
+            loss that is not a mean over examples (``reduction="sum"``), an
+            overridden ``compute_loss``. Default 64: the smallest size whose
+            ``rho`` took the damping rule's decision of the whole batch on
+            95-100% of the steps and whose adaptive step kept a median 0.99 of
+            the whole batch's model reduction, on the ReLU autoencoder (batch
+            1000) and the Dropout MLP (batch 128;
+            ``benchmarks/results/quadratic.md``).
         **kwargs: standard Keras optimizer arguments (``clipnorm``,
             ``global_clipnorm``, ``clipvalue``, ``use_ema``, ``name``, ...).
     """
@@ -163,6 +177,7 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
         seed=None,
         damping_adaptation_interval=5,
         adaptive_step=False,
+        quadratic_model_batch_size=64,
         name="kfac",
         **kwargs,
     ):
@@ -196,6 +211,17 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
         self.curvature_options = dict(curvature_options or {})
         self.seed = seed
         self.adaptive_step = bool(adaptive_step)
+        if quadratic_model_batch_size is not None and (
+            isinstance(quadratic_model_batch_size, bool)
+            or not isinstance(quadratic_model_batch_size, int)
+            or quadratic_model_batch_size < 1
+        ):
+            raise ValueError(
+                "quadratic_model_batch_size must be an integer >= 1 (the number of "
+                "examples of each batch the quadratic model uses) or None (the whole "
+                f"batch); got {quadratic_model_batch_size!r}."
+            )
+        self.quadratic_model_batch_size = quadratic_model_batch_size
         if damping_adaptation_interval is not None and (
             not isinstance(damping_adaptation_interval, int) or damping_adaptation_interval < 0
         ):
@@ -513,6 +539,7 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
                     estimator.model(),
                     estimator.capture,
                     record,
+                    self.quadratic_model_batch_size,
                     forward_mode=not self._monitor.forward_mode_blockers,
                 )
             self._monitor.begin(grads, variables, record, objective)
@@ -672,7 +699,7 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
         variable ``-(alpha Delta + mu delta_prev)`` with ``Delta = -P(grad)``
         and ``delta_prev`` the previous update (``update_step`` applies it
         whole); the gradients elsewhere."""
-        objective = quadratic.require(objective)
+        objective = quadratic.require(objective).subset
         key = self._key
         natural, previous = {}, {}
         for block, p in zip(self._estimator.blocks, preconditioned):
@@ -841,6 +868,7 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
                 "seed": self.seed,
                 "damping_adaptation_interval": self.damping_adaptation_interval,
                 "adaptive_step": self.adaptive_step,
+                "quadratic_model_batch_size": self.quadratic_model_batch_size,
             }
         )
         return config

@@ -23,6 +23,13 @@ forms ``u^T F v = (J u)^T H (J v)`` need one forward-mode Jacobian-vector
 product per direction (``tf.autodiff.ForwardAccumulator``) and one
 forward-over-reverse Hessian-vector product at the output, which is cheap.
 
+The model may be evaluated on a sub-batch, so that it costs a fraction of a
+forward pass: the first ``m`` examples of the step's batch
+(:attr:`BatchObjective.subset`), with the step's own non-trainable state.
+``rho`` then measures the actual and the predicted reduction of that same
+sub-batch objective, and the adaptive step minimises that sub-batch's model
+(see :func:`adaptive_step`).
+
 Every forward pass here is *stateless* (``keras.StatelessScope``): parameters
 are given as tensors, non-trainable state (BatchNormalization statistics,
 dropout seeds) is read from one snapshot and never written, so the passes
@@ -32,6 +39,7 @@ have no side effects and all of them see the same dropout masks.
 import collections
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_kfac import compat
@@ -47,12 +55,54 @@ def dot(us, vs):
     return tf.add_n([tf.reduce_sum(_f32(u) * _f32(v)) for u, v in zip(us, vs)])
 
 
-def batch_objective(model, capture, record, forward_mode=True):
+def batch_objective(model, capture, record, sub_batch_size=None, forward_mode=True):
     """The :class:`BatchObjective` of a step's ``record``, or None when the
-    step did not call ``model.compute_loss`` (see :func:`require`)."""
+    step did not call ``model.compute_loss`` (see :func:`require`); its
+    :attr:`~BatchObjective.subset` holds the first ``sub_batch_size``
+    examples (None: the whole batch)."""
     if record is None or record.loss_args is None:
         return None
-    return BatchObjective(model, capture, record.loss_args, record.state, forward_mode)
+    return BatchObjective(
+        model, capture, record.loss_args, record.state, sub_batch_size, forward_mode
+    )
+
+
+#: Reductions under which a loss is a mean over the examples, so that a
+#: sub-batch's loss estimates the batch's on the same scale.
+_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
+
+
+def sub_batch_blocker(model, loss_args, size):
+    """Why the quadratic model cannot run on the first ``size`` examples of
+    ``loss_args`` (a sentence), or None when it can. Slicing must leave the
+    loss an unbiased, same-scale estimate of the batch loss: no layer may
+    couple the examples (batch statistics, stateful recurrent state), the
+    loss must be a mean over examples, and every loss argument must be a
+    batch-major dense array."""
+    for layer in [model] + compat.flatten_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            return f"{layer.name!r} normalizes with statistics of the whole batch"
+        if getattr(layer, "stateful", False):
+            return f"{layer.name!r} is stateful (its state has the batch's size)"
+    if type(model).compute_loss is not keras.Model.compute_loss:
+        return f"{type(model).__name__} overrides compute_loss (its scale is unknown)"
+    for loss in tf.nest.flatten(getattr(model, "loss", None)):
+        reduction = getattr(loss, "reduction", "sum_over_batch_size")
+        if isinstance(loss, keras.losses.Loss) and reduction not in _MEAN_REDUCTIONS:
+            return f"the loss {loss.name!r} has reduction={reduction!r}, not a mean"
+    leading = set()
+    for leaf in tf.nest.flatten(loss_args):
+        if leaf is None:
+            continue
+        if not isinstance(leaf, (tf.Tensor, tf.Variable, np.ndarray)) or len(leaf.shape) == 0:
+            return f"a loss argument is a {type(leaf).__name__}, not a batch-major dense array"
+        leading.add(leaf.shape[0])
+    known = {n for n in leading if n is not None}
+    if len(known) > 1:
+        return f"the loss arguments have different leading sizes {sorted(known)}"
+    if known and known.pop() <= size:
+        return "the batch is not larger than the sub-batch"
+    return None
 
 
 def require(objective):
@@ -80,13 +130,16 @@ class BatchObjective:
         loss_args: ``(x, y, sample_weight)`` recorded from ``compute_loss``.
         state: the non-trainable values when the step's forward pass began
             (``StepRecord.state``); None: their current values.
+        sub_batch_size: the size of :attr:`subset` (None: the whole batch).
         forward_mode: False when the model has a layer whose traced forward
             pass cannot run under forward-mode autodiff
             (``keras_kfac.layers.forward_mode_blockers``): :meth:`jvp` then
             takes two reverse passes.
     """
 
-    def __init__(self, model, capture, loss_args, state=None, forward_mode=True):
+    def __init__(
+        self, model, capture, loss_args, state=None, sub_batch_size=None, forward_mode=True
+    ):
         self.model = model
         self.forward_mode = forward_mode
         self.capture = capture
@@ -102,6 +155,18 @@ class BatchObjective:
         if state is None:
             state = [tf.identity(v.value) for v in self.non_trainable]
         self.state = list(state)
+        #: The same objective on the first ``sub_batch_size`` examples, with
+        #: this step's state; ``self`` when slicing is not possible
+        #: (:func:`sub_batch_blocker`). Sliced here, once per step and outside
+        #: the ``tf.cond`` branches that use it.
+        self.subset = self
+        if sub_batch_size is not None and not sub_batch_blocker(model, loss_args, sub_batch_size):
+            sliced = tf.nest.map_structure(
+                lambda t: None if t is None else t[:sub_batch_size], tuple(loss_args)
+            )
+            self.subset = BatchObjective(
+                model, capture, sliced, self.state, forward_mode=forward_mode
+            )
 
     def _mapping(self, values):
         return list(zip(self.trainable, values)) + list(zip(self.non_trainable, self.state))
@@ -291,15 +356,23 @@ AdaptiveStep = collections.namedtuple("AdaptiveStep", "alpha mu model_reduction 
 
 def adaptive_step(objective, natural, previous, damping):
     """Sec. 7: ``(alpha, mu)`` minimising the exact quadratic model
-    ``M(alpha Delta + mu delta_prev)`` for the natural direction ``Delta``
-    (``natural``, ``-P(grad)``) and the previous update ``delta_prev``
-    (``previous``); ``natural`` and ``previous`` are lists aligned
-    with ``objective.trainable`` (:meth:`BatchObjective.align`). The step is
-    ``alpha * Delta + mu * delta_prev``; the linear terms are ``h``'s own
-    slopes (see :func:`model_reduction`). Returns an :data:`AdaptiveStep`."""
+    ``M(alpha Delta + mu delta_prev)`` of ``objective`` for the natural
+    direction ``Delta`` (``natural``, ``-P(grad)``) and the previous update
+    ``delta_prev`` (``previous``), lists aligned with ``objective.trainable``
+    (:meth:`BatchObjective.align`). The step is ``alpha * Delta + mu *
+    delta_prev``; the linear terms are ``h``'s own slopes (see
+    :func:`model_reduction`). Returns an :data:`AdaptiveStep`.
+
+    Both ``Q`` and the linear term ``b_i = grad h^T d_i`` come from
+    ``objective``, also when it is a sub-batch (:attr:`BatchObjective.subset`;
+    ``b`` comes free with the forward passes of ``Q``). The whole batch's
+    gradient in ``b`` was measured no better (benchmarks/results/
+    quadratic.md: same or lower efficiency, and a tenth-percentile step
+    that increased the whole batch's model at 16 of 128 examples), and it
+    would let the sub-batch's own model predict an increase, leaving ``rho``
+    undefined."""
     q, loss, b = gram(objective, objective.current_values(), [natural, previous], damping)
-    alpha, mu, reduction = solve_step_coefficients(q, b)
-    return AdaptiveStep(alpha, mu, reduction, loss)
+    return AdaptiveStep(*solve_step_coefficients(q, b), loss)
 
 
 class LevenbergMarquardt:

@@ -168,3 +168,25 @@ def test_stepcost_quick_mode(tmp_path):
     assert [step for step, _ in kfac["curve"]] == [6, 12]
     assert task["runs"]["adamw lr=0.001"]["ratio"] == 1.0
     assert (tmp_path / "stepcost_breakdown_quick.md").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_quadratic_model_spread_quick_mode(tmp_path):
+    env = dict(os.environ, KERAS_KFAC_RESULTS=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "quadratic_model.py"), "--quick"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    tasks = json.loads((tmp_path / "quadratic_quick.json").read_text())["tasks"]
+    assert len(tasks) == 2
+    for task in tasks.values():
+        # The script's whole-batch values are the optimizer's own.
+        assert task["check_rho_abs"] < 1e-4
+        assert task["check_alpha_rel"] < 1e-4
+        for row in task["adaptive"]:
+            assert row["b_sub"]["efficiency_median"] > 0.5
