@@ -261,7 +261,28 @@ def baselines(task, quick):
 # --- running --------------------------------------------------------------------
 
 
-def run_task(name, task, args, kfac_config):
+def stored_first_order(stem, budget, batch):
+    """The first-order runs of a task's stored results, ``{label: {seed: run}}``,
+    so that a KFAC change is measured against the same baselines without
+    rerunning them (the table records when each run was measured: its load)."""
+    if not os.path.exists(stem + ".json"):
+        sys.exit(f"--kfac-only: {stem}.json does not exist; run the task once without it")
+    with open(stem + ".json") as f:
+        stored = json.load(f)
+    if (stored["budget"], stored["batch"]) != (budget, batch):
+        sys.exit(
+            f"--kfac-only: {stem}.json was measured at budget {stored['budget']:g} s, batch "
+            f"{stored['batch']}, not {budget:g} s, {batch}; rerun the task without --kfac-only"
+        )
+    runs = {}
+    for flat_label, run in stored["runs"].items():
+        label, seed = flat_label.rsplit(" seed=", 1)
+        if not label.startswith("kfac"):
+            runs.setdefault(label, {})[int(seed)] = run
+    return runs
+
+
+def run_task(name, task, args, kfac_config, stem):
     budget = task.budget if args.budget is None else args.budget
     batch = task.batch
     if args.quick:
@@ -274,6 +295,9 @@ def run_task(name, task, args, kfac_config):
     if args.optimizers:
         makers = select(makers, args.optimizers + [kfac])
     runs = {}  # label -> {seed: summary with rows}
+    if args.kfac_only:
+        runs = stored_first_order(stem, budget, batch)
+        makers = {kfac: makers[kfac]}
 
     def one(label, seed):
         logger = train(
@@ -294,7 +318,7 @@ def run_task(name, task, args, kfac_config):
     best = best_first_order(runs, task.key)
     for seed in range(1, 1 if args.quick else args.seeds):
         for label in (kfac, best):
-            if label in makers:
+            if label in makers and seed not in runs[label]:
                 one(label, seed)
     return dict(
         summarize(task, runs, kfac, best), title=task.title, batch=batch, budget=budget
@@ -475,7 +499,12 @@ def markdown(results, command, kfac_config, quick):
             f"#### {name}: {r['title']}, batch {r['batch']}, {r['budget']:g} s per run",
             "",
             f"Target: {r['best']}'s median final {r['key_label']} = {_f(r['target'], '.4g')}. "
-            f"Plots: `panel{r['suffix']}_{name}_time.png`, `_steps.png`.",
+            f"Plots: `panel{r['suffix']}_{name}_time.png`, `_steps.png`."
+            + (
+                " First-order runs: stored from an earlier run of the task (`--kfac-only`)."
+                if r.get("first_order") == "stored"
+                else ""
+            ),
             "",
             "| run | seed | final | steps | ms/step median | ms/step amortized (CPU) "
             "| time to target (s, CPU s) | steps to target |",
@@ -542,8 +571,14 @@ def run_panel(args):
             results = json.load(f)["tasks"]
     for name in names:
         task = TASKS[name]
-        summary, runs = run_task(name, task, args, kfac_config)
-        summary.update(command=command, kfac_config=kfac_config, suffix=suffix)
+        task_stem = os.path.join(RESULTS, f"panel{suffix}_{name}")
+        summary, runs = run_task(name, task, args, kfac_config, task_stem)
+        summary.update(
+            command=command,
+            kfac_config=kfac_config,
+            suffix=suffix,
+            first_order="stored" if args.kfac_only else "run",
+        )
         results[name] = summary
         write_task(f"panel{suffix}_{name}", name, task, summary, runs)
         with open(stem + ".json", "w") as f:

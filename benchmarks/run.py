@@ -829,6 +829,12 @@ def main(argv=None):
         help="panel: keyword arguments of the KFAC run, e.g. '{\"damping\": 0.1}'",
     )
     parser.add_argument("--seeds", type=int, default=3, help="panel: seeds of the headline rows")
+    parser.add_argument(
+        "--kfac-only",
+        action="store_true",
+        help="panel: rerun only the KFAC runs; the first-order runs come from the task's "
+        "stored results (benchmarks/results/panel_<task>.json)",
+    )
     args = parser.parse_args(argv)
     if args.suite == "panel":  # batch, budget and evaluation cadence are per task
         SUITES["panel"](args)

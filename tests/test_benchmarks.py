@@ -66,6 +66,23 @@ def test_panel_quick_mode(tmp_path):
     for suffix in ("_time.png", "_steps.png", ".csv", ".json"):
         assert (tmp_path / f"panel_quick_mlp{suffix}").stat().st_size > 0
 
+    # --kfac-only keeps the stored first-order runs and reruns KFAC alone.
+    config = '{"damping": 0.1}'
+    rerun = subprocess.run(
+        command + ["--tasks", "mlp", "--kfac-only", "--kfac-config", config],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    again = json.loads((tmp_path / "panel_quick.json").read_text())["tasks"]["mlp"]
+    label = 'kfac {"damping": 0.1}'
+    assert again["kfac_label"] == label and again["first_order"] == "stored"
+    first_order = {r["run"]: r["final"] for r in task["table"] if r["run"] != "kfac"}
+    assert {r["run"]: r["final"] for r in again["table"] if r["run"] != label} == first_order
+    assert "stored from an earlier run" in (tmp_path / "panel_quick.md").read_text()
+
     bad = subprocess.run(
         command + ["--tasks", "mlp,nosuch"], env=env, capture_output=True, text=True, timeout=120
     )
