@@ -350,6 +350,38 @@ def _spread(values):
     return [min(finite), max(finite)] if finite else None
 
 
+def value_at_step(rows, key, step):
+    """``key`` at ``step``, linear between the logged rows that bracket it
+    (None past the run's last row: it never took that many steps)."""
+    for before, after in zip(rows, rows[1:]):
+        if before["step"] <= step <= after["step"]:
+            if after["step"] == before["step"]:
+                return after[key]
+            w = (step - before["step"]) / (after["step"] - before["step"])
+            return before[key] + w * (after[key] - before[key])
+    return rows[-1][key] if rows and rows[-1]["step"] == step else None
+
+
+def per_step_comparison(runs, key, kfac, best):
+    """Median over KFAC's seeds of (KFAC's final, the best configuration's
+    value after as many steps as KFAC took), each seed against the best's run
+    of the same seed (seed 0 where it has no such seed). It tells a miss by
+    step cost (KFAC ahead at equal steps) from one by progress per step."""
+    pairs = []
+    for seed, run in runs.get(kfac, {}).items():
+        reference = runs[best].get(seed, runs[best][0])
+        at = value_at_step(reference["rows"], key, run["steps"])
+        if at is not None and _finite(run["final"][key]):
+            pairs.append((run["final"][key], at))
+    if not pairs:
+        return None
+    return {
+        "steps": statistics.median(runs[kfac][s]["steps"] for s in runs[kfac]),
+        "kfac": statistics.median(p[0] for p in pairs),
+        "best": statistics.median(p[1] for p in pairs),
+    }
+
+
 def summarize(task, runs, kfac, best):
     """The task's row and every run's time/steps/CPU to target."""
     key = task.key
@@ -403,6 +435,7 @@ def summarize(task, runs, kfac, best):
     if k and b and k["seconds_to_target"] is not None and b["seconds_to_target"]:
         ratio = k["seconds_to_target"] / b["seconds_to_target"]
         cpu_ratio = k["cpu_seconds_to_target"] / b["cpu_seconds_to_target"]
+    equal_steps = per_step_comparison(runs, key, kfac, best) if k and b else None
     return {
         "key": key,
         "key_label": task.key_label,
@@ -414,20 +447,26 @@ def summarize(task, runs, kfac, best):
         "best_first_order": b,
         "time_ratio": ratio,
         "cpu_time_ratio": cpu_ratio,
-        "verdict": verdict(k, b, ratio, task.bound),
+        "at_kfac_steps": equal_steps,
+        "verdict": verdict(k, b, ratio, task.bound, equal_steps),
         "table": table,
         "load": [min(r["load"][0] for r in table), max(r["load"][1] for r in table)],
     }
 
 
-def verdict(kfac, best, ratio, bound):
+def verdict(kfac, best, ratio, bound, equal_steps):
     if kfac is None or best is None:
         return "no verdict (KFAC or first-order runs missing)"
     if kfac["diverged"] and not best["diverged"]:
         return f"misses: KFAC diverged ({kfac['diverged']} of {kfac['seeds']} seeds)"
-    if ratio is None:
-        return "misses: KFAC does not reach the target"
-    return f"{'meets' if ratio <= bound else 'misses'} (<= {bound:g})"
+    if ratio is not None and ratio <= bound:
+        return f"meets (<= {bound:g})"
+    missed = "misses: KFAC does not reach the target" if ratio is None else f"misses (<= {bound:g})"
+    if equal_steps is None:
+        return missed
+    if equal_steps["kfac"] <= equal_steps["best"]:
+        return missed + "; ahead at equal steps: the step cost stops it"
+    return missed + "; behind at equal steps: progress per step stops it"
 
 
 # --- report ---------------------------------------------------------------------
@@ -454,8 +493,11 @@ def markdown(results, command, kfac_config, quick):
         "",
         "Target: the best first-order run's median final metric. Ratio: KFAC's median time to "
         "target over the best first-order configuration's (wall; process CPU in parentheses). "
-        "Finals: median [min-max] over seeds. Step ratio: amortized step time over Adam's "
-        "(wall / CPU). Load: 1-minute load average during the task.",
+        "Finals: median [min-max] over seeds. At KFAC's steps: KFAC's final and the best "
+        "configuration's value after as many steps (medians; the step count in parentheses): "
+        "ahead at equal steps, KFAC misses by its step cost, behind, by its progress per step. "
+        "Step ratio: amortized step time over Adam's (wall / CPU). Load: 1-minute load average "
+        "during the task.",
         "",
     ]
     labels = {name: r["kfac_label"] for name, r in results.items()}
@@ -468,8 +510,9 @@ def markdown(results, command, kfac_config, quick):
         ]
     lines += [
         "| task | metric | budget (s) | best first-order | its final | KFAC final "
-        "| time ratio (CPU) | steps to target KFAC / best | step ratio | load | verdict |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "| time ratio (CPU) | steps to target KFAC / best | at KFAC's steps: KFAC / best "
+        "| step ratio | load | verdict |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name in TASKS:
         if name not in results:
@@ -485,10 +528,15 @@ def markdown(results, command, kfac_config, quick):
             if k and "step_ratio_to_adam" in k
             else "-"
         )
+        equal = r.get("at_kfac_steps")
+        at_steps = (
+            f"{equal['kfac']:.4g} / {equal['best']:.4g} ({equal['steps']:.0f})" if equal else "-"
+        )
         lines.append(
             f"| {name} | {r['key_label']} | {r['budget']:g} | {r['best'] or '-'} "
             f"| {_final(b) if b else '-'} | {_final(k) if k else '-'} | {ratio} | {steps} "
-            f"| {step_ratio} | {r['load'][0]:.1f}-{r['load'][1]:.1f} | {r['verdict']} |"
+            f"| {at_steps} | {step_ratio} | {r['load'][0]:.1f}-{r['load'][1]:.1f} "
+            f"| {r['verdict']} |"
         )
     for name in TASKS:
         if name not in results:

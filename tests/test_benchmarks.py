@@ -62,7 +62,7 @@ def test_panel_quick_mode(tmp_path):
     lines = (tmp_path / "panel_quick.md").read_text().splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("| task |"))
     row = lines[header + 2]
-    assert row.startswith("| mlp |") and row.count("|") == lines[header].count("|") == 12
+    assert row.startswith("| mlp |") and row.count("|") == lines[header].count("|") == 13
     for suffix in ("_time.png", "_steps.png", ".csv", ".json"):
         assert (tmp_path / f"panel_quick_mlp{suffix}").stat().st_size > 0
 
