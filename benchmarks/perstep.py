@@ -83,6 +83,7 @@ CONFIG_SETS = {
         "stats_decay=0.95": {"stats_decay": 0.95},
     },
     "kfac": {"kfac": {}},
+    "fixed": {"fixed damping 1e-2": {"damping_adaptation_interval": 0}},
     "ae": {
         "kfac": {},
         "stats_decay=0.8": {"stats_decay": 0.8},
