@@ -207,3 +207,28 @@ def test_quadratic_model_spread_quick_mode(tmp_path):
         assert task["check_alpha_rel"] < 1e-4
         for row in task["adaptive"]:
             assert row["b_sub"]["efficiency_median"] > 0.5
+
+
+def test_perstep_quick_mode(tmp_path):
+    env = dict(os.environ, KERAS_KFAC_RESULTS=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "perstep.py"), "--quick"]
+    result = subprocess.run(
+        command + ["--tasks", "mlp", "--diag-every", "5"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    task = json.loads((tmp_path / "perstep128_quick.json").read_text())["tasks"]["mlp"]
+    assert task["checkpoints"] == [5, 10]
+    assert set(task["curves"]) == {"adamw lr=0.001", "kfac", "momentum=0"}
+    for curves in task["curves"].values():
+        assert len(curves) == 1 and len(curves[0]) == 2 and all(map(math.isfinite, curves[0]))
+    (diag,) = task["diagnostics"]["kfac"]
+    # Diagnostics at steps 5 and 10: a damping, a rho and the clip's nu each.
+    assert diag["damping_min"] > 0 and 0.0 <= diag["clip_share"] <= 1.0
+    assert task["diagnostics"]["adamw lr=0.001"] == [None]
+    assert "dense" in task["summary"]
+    assert (tmp_path / "perstep128_quick.md").stat().st_size > 0
