@@ -34,6 +34,10 @@ FISHER_TYPES = ("auto", "sampled", "empirical")
 #: the small-batch cadence (benchmarks/results/stepcost_cadence.md).
 CADENCE = {"stats_every": (10, 5), "inverse_every": (20, 10)}
 LARGE_BATCH = 1000
+#: ``curvature_warmup`` left at None, with the cadence following the batch:
+#: statistics and refreshes every step for the first this many steps
+#: (below ``LARGE_BATCH`` examples, from it); see ``benchmarks/results/warmup.md``.
+WARMUP = (0, 0)
 DAMPING_MODES = ("factored", "eigen")
 
 
@@ -106,6 +110,13 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
             least 1000 examples (``CADENCE``, ``LARGE_BATCH``).
         inverse_every: inverses/eigenbases are refreshed every this many
             steps. None (default): 20, or 10 from a batch of 1000.
+        curvature_warmup: statistics are updated and inverses refreshed on
+            every one of the first this many steps, before the cadence above
+            takes over: the first preconditioned steps otherwise use the
+            statistics of the first batch for ``inverse_every`` steps. None
+            (default): ``WARMUP`` for the first step's batch size when
+            ``stats_every`` and ``inverse_every`` are both None, else 0 (a
+            given cadence is kept exactly).
         kl_clip: KL clipping bound (Ba et al. 2017) on the whole update,
             momentum included: ``lr^2 u^T (F + damping) u <= kl_clip``, or
             None.
@@ -168,6 +179,7 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
         stats_decay=0.5,
         stats_every=None,
         inverse_every=None,
+        curvature_warmup=None,
         kl_clip=3e-3,
         weight_decay=None,
         model=None,
@@ -191,6 +203,7 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
             stats_decay=stats_decay,
             stats_every=stats_every,
             inverse_every=inverse_every,
+            curvature_warmup=curvature_warmup,
             kl_clip=kl_clip,
             fallback_learning_rate=fallback_learning_rate,
         )
@@ -205,6 +218,7 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
         self.stats_decay = float(stats_decay)
         self.stats_every = stats_every
         self.inverse_every = inverse_every
+        self.curvature_warmup = curvature_warmup
         self.kl_clip = None if kl_clip is None else float(kl_clip)
         self.loss = loss
         self.fallback_learning_rate = float(fallback_learning_rate)
@@ -369,8 +383,9 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
         self._fallback.build(estimator.fallback_variables)
         self._momentums = {}
         self._previous_updates = {}
-        # (stats_every, inverse_every) fixed at the first step (0: not yet).
-        self._cadence = self.add_variable((2,), initializer="zeros", dtype="int64", name="cadence")
+        # (stats_every, inverse_every, curvature warm-up steps) fixed at the
+        # first step (stats_every 0: not yet), so a resumed run keeps them.
+        self._cadence = self.add_variable((3,), initializer="zeros", dtype="int64", name="cadence")
         # ||m||^2 in the damped-curvature metric of the momentum m (see
         # `_kl_scale`); a scalar, saved with the optimizer.
         self._momentum_curvature = self.add_variable(
@@ -627,12 +642,15 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
             run_if(ok, apply)
             return ok
 
-        stats_every, inverse_every = self._step_cadence(record)
+        stats_every, inverse_every, warmup = self._step_cadence(record)
+        warming = step < warmup
         stats_ok = tf.cond(
-            tf.equal(step % stats_every, 0), update_statistics, lambda: tf.constant(True)
+            warming | tf.equal(step % stats_every, 0),
+            update_statistics,
+            lambda: tf.constant(True),
         )
         run_if(
-            tf.equal(step % inverse_every, 0) & (self._stats_updates > 0) & stats_ok,
+            (warming | tf.equal(step % inverse_every, 0)) & (self._stats_updates > 0) & stats_ok,
             lambda: estimator.refresh(damping, self._replicas),
         )
         matrices = estimator.block_gradients(grads, variables, self._key)
@@ -663,36 +681,68 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
         return directions, stats_ok, scale * scale * tf.maximum(update_curvature, 0.0)
 
     def _step_cadence(self, record):
-        """``(stats_every, inverse_every)`` of this step: the given ones, or
-        :data:`CADENCE` for the first step's global batch, kept from then on
-        (a later short batch does not change it, and every replica agrees)."""
-        if self.stats_every is not None and self.inverse_every is not None:
-            return self.stats_every, self.inverse_every
+        """``(stats_every, inverse_every, warm-up steps)`` of this step: the
+        given ones, or :data:`CADENCE` and :data:`WARMUP` for the first step's
+        global batch, kept from then on (a later short batch does not change
+        them, and every replica agrees)."""
+        given = self._given_cadence()
+        if given is not None:
+            return given
         examples = self._estimator.batch_size(record)
         if self._replicas is not None:
             examples = examples * self._replicas.num_replicas
         large = examples >= LARGE_BATCH
+
+        def follow(value, table):
+            if value is not None:
+                return tf.constant(value, tf.int64)
+            return tf.where(large, tf.constant(table[1], tf.int64), table[0])
+
         chosen = tf.stack(
-            [
-                tf.constant(getattr(self, name), tf.int64)
-                if getattr(self, name) is not None
-                else tf.where(large, tf.constant(CADENCE[name][1], tf.int64), CADENCE[name][0])
-                for name in CADENCE
-            ]
+            [follow(getattr(self, name), CADENCE[name]) for name in CADENCE]
+            + [follow(self._warmup_given(), WARMUP)]
         )
-        cadence = tf.where(self._cadence > 0, self._cadence, chosen)
+        cadence = tf.where(self._cadence[0] > 0, self._cadence, chosen)
         self._cadence.assign(cadence)
-        return cadence[0], cadence[1]
+        return cadence[0], cadence[1], cadence[2]
+
+    def _warmup_given(self):
+        """The warm-up steps fixed without looking at the batch (None: they
+        follow it): a given cadence gets no automatic warm-up."""
+        if self.curvature_warmup is not None:
+            return self.curvature_warmup
+        if self.stats_every is not None or self.inverse_every is not None:
+            return 0
+        return None
+
+    def _given_cadence(self):
+        """The step cadence when nothing follows the batch size, else None."""
+        if self.stats_every is None or self.inverse_every is None:
+            return None
+        return self.stats_every, self.inverse_every, self._warmup_given()
 
     @property
     def cadence(self):
         """``(stats_every, inverse_every)`` in use (fixed at the first step
         when they follow the batch size; None before it)."""
-        if self.stats_every is not None and self.inverse_every is not None:
-            return self.stats_every, self.inverse_every
+        given = self._given_cadence()
+        if given is not None:
+            return given[:2]
         if not self.built or int(self._cadence[0]) == 0:
             return None
-        return tuple(int(v) for v in self._cadence.numpy())
+        return tuple(int(v) for v in self._cadence.numpy()[:2])
+
+    @property
+    def warmup(self):
+        """The number of first steps with statistics and refreshes every step
+        (``curvature_warmup``, fixed at the first step when it follows the
+        batch size; None before it)."""
+        given = self._given_cadence()
+        if given is not None:
+            return given[2]
+        if not self.built or int(self._cadence[0]) == 0:
+            return None
+        return int(self._cadence[2])
 
     def _adaptive_directions(self, grads, variables, preconditioned, objective, damping):
         """Sec. 7 (:func:`keras_kfac.quadratic.adaptive_step`): per block
@@ -859,6 +909,7 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
                 "stats_decay": self.stats_decay,
                 "stats_every": self.stats_every,
                 "inverse_every": self.inverse_every,
+                "curvature_warmup": self.curvature_warmup,
                 "kl_clip": self.kl_clip,
                 "loss": keras.saving.serialize_keras_object(self.loss)
                 if self.loss is not None
@@ -894,6 +945,7 @@ def _validate(
     stats_decay=0.0,
     stats_every=None,
     inverse_every=None,
+    curvature_warmup=None,
     kl_clip=None,
     fallback_learning_rate=1e-3,
 ):
@@ -919,6 +971,16 @@ def _validate(
             raise ValueError(
                 f"{arg} must be an integer >= 1, or None to follow the batch size; got {value!r}."
             )
+    if curvature_warmup is not None and not (
+        isinstance(curvature_warmup, int)
+        and not isinstance(curvature_warmup, bool)
+        and curvature_warmup >= 0
+    ):
+        raise ValueError(
+            "curvature_warmup must be an integer >= 0 (the first steps with statistics "
+            "and refreshes every step; 0: none), or None to follow the batch size; got "
+            f"{curvature_warmup!r}."
+        )
     if kl_clip is not None and not kl_clip > 0:
         raise ValueError(f"kl_clip must be positive or None; got {kl_clip!r}.")
     if not fallback_learning_rate > 0:

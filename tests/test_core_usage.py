@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 import keras_kfac
+from keras_kfac.optimizer import WARMUP
 from reference import rel
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -366,6 +367,10 @@ def test_model_with_no_supported_layer_warns_and_trains():
         ({"stats_decay": 1.0}, r"stats_decay must be in \[0, 1\)"),
         ({"stats_every": 0}, "stats_every must be an integer >= 1"),
         ({"inverse_every": 0}, "inverse_every must be an integer >= 1"),
+        ({"curvature_warmup": -1}, "curvature_warmup must be an integer >= 0"),
+        ({"curvature_warmup": 2.5}, "curvature_warmup must be an integer >= 0"),
+        ({"curvature_warmup": True}, "curvature_warmup must be an integer >= 0"),
+        ({"curvature_warmup": "10"}, "curvature_warmup must be an integer >= 0"),
         ({"momentum": 1.0}, "momentum must be in"),
         ({"kl_clip": 0.0}, "kl_clip must be positive"),
     ],
@@ -395,29 +400,33 @@ def test_other_backend_is_a_clear_error():
 
 
 @pytest.mark.parametrize(
-    "batch, options, cadence",
+    "batch, options, cadence, warmup",
     [
-        (16, {}, (10, 20)),
-        (999, {}, (10, 20)),
-        (1000, {}, (5, 10)),
-        (1000, {"inverse_every": 3}, (5, 3)),
-        (1000, {"stats_every": 4, "inverse_every": 8}, (4, 8)),
+        (16, {}, (10, 20), WARMUP[0]),
+        (999, {}, (10, 20), WARMUP[0]),
+        (1000, {}, (5, 10), WARMUP[1]),
+        (1000, {"inverse_every": 3}, (5, 3), 0),
+        (1000, {"stats_every": 4, "inverse_every": 8}, (4, 8), 0),
+        (16, {"curvature_warmup": 3}, (10, 20), 3),
+        (1000, {"curvature_warmup": 0}, (5, 10), 0),
+        (1000, {"stats_every": 4, "inverse_every": 8, "curvature_warmup": 2}, (4, 8), 2),
     ],
 )
-def test_cadence_follows_the_first_batch(batch, options, cadence):
+def test_cadence_follows_the_first_batch(batch, options, cadence, warmup):
     # 2 * batch examples: the steps of the second epoch include a short
     # batch, which must not change the cadence chosen at the first step.
     x, y = classification_data(n=2 * batch + 3)
     model = mlp()
     opt = keras_kfac.KFAC(**options)
     model.compile(optimizer=opt, loss=SCCE)
-    assert opt.cadence == (None if not options.get("stats_every") else cadence)
+    given = options.get("stats_every") is not None
+    assert opt.cadence == (cadence if given else None)
+    assert opt.warmup == (warmup if given else None)
     model.fit(x, y, batch_size=batch, epochs=5, verbose=0, shuffle=False)  # steps 0..14
-    assert opt.cadence == cadence
+    assert (opt.cadence, opt.warmup) == (cadence, warmup)
     stats_every, _ = cadence
-    assert int(opt._stats_updates) == len(range(0, 15, stats_every))
+    updates = [i for i in range(15) if i < warmup or i % stats_every == 0]
+    assert int(opt._stats_updates) == len(updates)
     clone = keras_kfac.KFAC.from_config(opt.get_config())
-    assert (clone.stats_every, clone.inverse_every) == (
-        options.get("stats_every"),
-        options.get("inverse_every"),
-    )
+    for name in ("stats_every", "inverse_every", "curvature_warmup"):
+        assert getattr(clone, name) == options.get(name)
