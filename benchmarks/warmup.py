@@ -115,6 +115,7 @@ def run_task(name, args):
                 else reached / time_at([(t, m) for _, t, m in curves[base]], target),
                 "at_equal_time": metric_at(timed, base_seconds),
                 "warmup_in_use": models[w].optimizer.warmup,
+                "final_damping": float(models[w].optimizer.damping),
                 "cadence": models[w].optimizer.cadence,
             }
         seeds.append(runs)
@@ -132,6 +133,7 @@ def run_task(name, args):
             "time_ratios": ratios,
             "at_equal_time": statistics.median(r["at_equal_time"] for r in per_seed),
             "cadence": per_seed[0]["cadence"],
+            "final_damping": statistics.median(r["final_damping"] for r in per_seed),
         }
     base_ms = summary[labels[base]]["mean_ms"]
     for r in summary.values():
@@ -160,7 +162,8 @@ def markdown(results, command):
         "and batches); the metric is the median over seeds; ms/step: amortized, "
         "first step left out; time ratio: seconds to reach the first run's final "
         "metric over the first run's own (median over seeds; - : not reached); "
-        "equal time: the metric at the first run's final training time.",
+        "equal time: the metric at the first run's final training time; final damping: "
+        "after the last step (Levenberg-Marquardt-adapted).",
     ]
     for name, r in results.items():
         runs = r["runs"]
@@ -173,8 +176,8 @@ def markdown(results, command):
             "",
             "| run | cadence | "
             + " | ".join(str(p) for p in points)
-            + " | ms/step | step ratio | time ratio (each seed) | equal time |",
-            "|---|---|" + "---:|" * (len(points) + 4),
+            + " | ms/step | step ratio | time ratio (each seed) | equal time | final damping |",
+            "|---|---|" + "---:|" * (len(points) + 5),
         ]
         for label, run in runs.items():
             each = ", ".join(_f(v, ".2f") for v in run["time_ratios"])
@@ -182,7 +185,8 @@ def markdown(results, command):
                 f"| {label} | {run['cadence']} | "
                 + " | ".join(_f(m) for _, m in run["curve"][1:])
                 + f" | {run['mean_ms']:.1f} | {run['step_ratio']:.2f} "
-                f"| {_f(run['time_ratio'], '.2f')} ({each}) | {_f(run['at_equal_time'])} |"
+                f"| {_f(run['time_ratio'], '.2f')} ({each}) | {_f(run['at_equal_time'])} "
+                f"| {run['final_damping']:.2g} |"
             )
     return "\n".join(lines) + "\n"
 

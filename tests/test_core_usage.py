@@ -430,3 +430,24 @@ def test_cadence_follows_the_first_batch(batch, options, cadence, warmup):
     clone = keras_kfac.KFAC.from_config(opt.get_config())
     for name in ("stats_every", "inverse_every", "curvature_warmup"):
         assert getattr(clone, name) == options.get(name)
+
+
+def test_cadence_and_warmup_chosen_at_a_large_batch_survive_save_and_load(tmp_path):
+    # Chosen at the first step's batch of 1000, kept by the loaded optimizer
+    # although it then sees batches of 16 (which alone would choose others).
+    assert WARMUP[1] != WARMUP[0]
+    x, y = classification_data(n=1000)
+    model = mlp()
+    model.compile(optimizer=keras_kfac.KFAC(), loss=SCCE)
+    model.fit(x, y, batch_size=1000, epochs=1, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    resumed = keras.models.load_model(path)
+    loaded = resumed.optimizer
+    assert (loaded.cadence, loaded.warmup) == ((5, 10), WARMUP[1])
+    steps = WARMUP[1] + 6
+    resumed.fit(x[: 16 * (steps - 1)], y[: 16 * (steps - 1)], batch_size=16, verbose=0)
+    assert (loaded.cadence, loaded.warmup) == ((5, 10), WARMUP[1])
+    assert int(loaded._stats_updates) == len(
+        [i for i in range(steps) if i < WARMUP[1] or i % 5 == 0]
+    )
