@@ -114,7 +114,6 @@ def run_task(name, args):
                 if reached is None
                 else reached / time_at([(t, m) for _, t, m in curves[base]], target),
                 "at_equal_time": metric_at(timed, base_seconds),
-                "warmup_in_use": models[w].optimizer.warmup,
                 "final_damping": float(models[w].optimizer.damping),
                 "cadence": models[w].optimizer.cadence,
             }

@@ -210,5 +210,4 @@ def test_warmup_quick_mode(tmp_path):
     assert base["curve"][0] == warm["curve"][0]  # the same initial weights
     assert base["time_ratio"] == 1.0 and base["step_ratio"] == 1.0
     assert warm["mean_ms"] > 0 and math.isfinite(warm["at_equal_time"])
-    assert task["per_seed"][0]["curvature_warmup=4"]["warmup_in_use"] == 4
     assert (tmp_path / "warmup_quick.md").stat().st_size > 0

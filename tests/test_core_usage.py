@@ -11,7 +11,6 @@ import pytest
 import tensorflow as tf
 
 import keras_kfac
-from keras_kfac.optimizer import WARMUP
 from reference import rel
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -400,54 +399,50 @@ def test_other_backend_is_a_clear_error():
 
 
 @pytest.mark.parametrize(
-    "batch, options, cadence, warmup",
+    "batch, options, cadence",
     [
-        (16, {}, (10, 20), WARMUP[0]),
-        (999, {}, (10, 20), WARMUP[0]),
-        (1000, {}, (5, 10), WARMUP[1]),
-        (1000, {"inverse_every": 3}, (5, 3), 0),
-        (1000, {"stats_every": 4, "inverse_every": 8}, (4, 8), 0),
-        (16, {"curvature_warmup": 3}, (10, 20), 3),
-        (1000, {"curvature_warmup": 0}, (5, 10), 0),
-        (1000, {"stats_every": 4, "inverse_every": 8, "curvature_warmup": 2}, (4, 8), 2),
+        (16, {}, (10, 20)),
+        (999, {}, (10, 20)),
+        (1000, {}, (5, 10)),
+        (1000, {"inverse_every": 3}, (5, 3)),
+        (1000, {"stats_every": 4, "inverse_every": 8}, (4, 8)),
+        (16, {"curvature_warmup": 3}, (10, 20)),
+        (1000, {"stats_every": 4, "inverse_every": 8, "curvature_warmup": 2}, (4, 8)),
     ],
 )
-def test_cadence_follows_the_first_batch(batch, options, cadence, warmup):
+def test_cadence_follows_the_first_batch(batch, options, cadence):
     # 2 * batch examples: the steps of the second epoch include a short
     # batch, which must not change the cadence chosen at the first step.
     x, y = classification_data(n=2 * batch + 3)
     model = mlp()
     opt = keras_kfac.KFAC(**options)
     model.compile(optimizer=opt, loss=SCCE)
-    given = options.get("stats_every") is not None
-    assert opt.cadence == (cadence if given else None)
-    assert opt.warmup == (warmup if given else None)
+    assert opt.cadence == (None if not options.get("stats_every") else cadence)
     model.fit(x, y, batch_size=batch, epochs=5, verbose=0, shuffle=False)  # steps 0..14
-    assert (opt.cadence, opt.warmup) == (cadence, warmup)
+    assert opt.cadence == cadence
     stats_every, _ = cadence
-    updates = [i for i in range(15) if i < warmup or i % stats_every == 0]
-    assert int(opt._stats_updates) == len(updates)
+    warmup = options.get("curvature_warmup", 0)
+    assert int(opt._stats_updates) == len(
+        [i for i in range(15) if i < warmup or i % stats_every == 0]
+    )
     clone = keras_kfac.KFAC.from_config(opt.get_config())
-    for name in ("stats_every", "inverse_every", "curvature_warmup"):
+    for name in ("stats_every", "inverse_every"):
         assert getattr(clone, name) == options.get(name)
+    assert clone.curvature_warmup == warmup
 
 
-def test_cadence_and_warmup_chosen_at_a_large_batch_survive_save_and_load(tmp_path):
-    # Chosen at the first step's batch of 1000, kept by the loaded optimizer
-    # although it then sees batches of 16 (which alone would choose others).
-    assert WARMUP[1] != WARMUP[0]
-    x, y = classification_data(n=1000)
+def test_warmup_continues_after_save_and_load(tmp_path):
+    # Saved at step 3 of a 6-step warm-up: the loaded optimizer updates its
+    # statistics on steps 3, 4, 5, then at the cadence (10: step 10).
+    x, y = classification_data(n=16 * 11)
     model = mlp()
-    model.compile(optimizer=keras_kfac.KFAC(), loss=SCCE)
-    model.fit(x, y, batch_size=1000, epochs=1, verbose=0)
+    model.compile(optimizer=keras_kfac.KFAC(curvature_warmup=6), loss=SCCE)
+    model.fit(x[:48], y[:48], batch_size=16, verbose=0)
     path = str(tmp_path / "model.keras")
     model.save(path)
     resumed = keras.models.load_model(path)
-    loaded = resumed.optimizer
-    assert (loaded.cadence, loaded.warmup) == ((5, 10), WARMUP[1])
-    steps = WARMUP[1] + 6
-    resumed.fit(x[: 16 * (steps - 1)], y[: 16 * (steps - 1)], batch_size=16, verbose=0)
-    assert (loaded.cadence, loaded.warmup) == ((5, 10), WARMUP[1])
-    assert int(loaded._stats_updates) == len(
-        [i for i in range(steps) if i < WARMUP[1] or i % 5 == 0]
-    )
+    assert resumed.optimizer.curvature_warmup == 6
+    assert int(resumed.optimizer._stats_updates) == 3
+    resumed.fit(x[48:], y[48:], batch_size=16, verbose=0)
+    assert int(resumed.optimizer.iterations) == 11
+    assert int(resumed.optimizer._stats_updates) == 7
