@@ -2,7 +2,7 @@
 refreshes on every one of the first N steps (``KFAC(curvature_warmup=N)``),
 then the automatic cadence, per step and per second.
 
-    python benchmarks/warmup.py                                  # 5 tasks, ~10 min on 2 quiet cores
+    python benchmarks/warmup.py                                  # 5 tasks, 32 min at load 5-13 on 2 cores
     python benchmarks/warmup.py --tasks ae_relu --warmups 0,20,40 --seeds 2
     python benchmarks/warmup.py --quick                          # smoke mode
 
@@ -36,8 +36,8 @@ from panel import TASKS
 import keras_kfac
 
 DEFAULT_TASKS = "ae_relu,ae_tanh,ae_sigmoid,mlp,convnet128"
-# Enough steps for the warm-up to have passed and the difference to settle;
-# each task's runs take 1-3 min on 2 quiet cores.
+# Enough steps for the longest default warm-up (40) to have passed: at load
+# 2-5 the ReLU autoencoder's two runs (0 and 40) take about 1.5 min a seed.
 DEFAULT_STEPS = {"mlp": 400, "convnet128": 200}
 AE_STEPS = 100
 
