@@ -37,7 +37,7 @@ import keras_kfac
 
 DEFAULT_TASKS = "ae_relu,ae_tanh,ae_sigmoid,mlp,convnet128"
 # Enough steps for the longest default warm-up (40) to have passed: at load
-# 2-5 the ReLU autoencoder's two runs (0 and 40) take about 1.5 min a seed.
+# 2-5 the ReLU autoencoder's two runs (0 and 40) take about 2 min a seed.
 DEFAULT_STEPS = {"mlp": 400, "convnet128": 200}
 AE_STEPS = 100
 
