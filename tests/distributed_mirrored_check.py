@@ -71,6 +71,8 @@ def optimizer(method, fisher, damping_mode):
         fisher=fisher,
         damping_mode=damping_mode,
         inverse_every=2,
+        # Statistics at steps 0, 1 (a running average) and refreshes at 0, 1, 2.
+        curvature_warmup=2,
         seed=3,
     )
 

@@ -232,3 +232,24 @@ def test_perstep_quick_mode(tmp_path):
     assert task["diagnostics"]["adamw lr=0.001"] == [None]
     assert "dense" in task["summary"]
     assert (tmp_path / "perstep128_quick.md").stat().st_size > 0
+
+
+def test_warmup_quick_mode(tmp_path):
+    env = dict(os.environ, KERAS_KFAC_RESULTS=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "warmup.py"), "--quick"]
+    result = subprocess.run(
+        command + ["--tasks", "mlp", "--warmups", "0,4", "--round", "6"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    task = json.loads((tmp_path / "warmup_quick.json").read_text())["tasks"]["mlp"]
+    base, warm = task["runs"]["curvature_warmup=0"], task["runs"]["curvature_warmup=4"]
+    assert [step for step, _ in warm["curve"]] == [0, 6, 12]
+    assert base["curve"][0] == warm["curve"][0]  # the same initial weights
+    assert base["time_ratio"] == 1.0 and base["step_ratio"] == 1.0
+    assert warm["mean_ms"] > 0 and math.isfinite(warm["at_equal_time"])
+    assert (tmp_path / "warmup_quick.md").stat().st_size > 0

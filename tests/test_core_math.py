@@ -98,6 +98,56 @@ def test_dense_statistics_and_update(mode, damping_mode):
         np.testing.assert_allclose(flat_params(layer) - theta0, expected, rtol=2e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["graph", "xla"])
+def test_curvature_warmup_schedule_matches_brute_force(mode):
+    """``curvature_warmup=3`` with statistics every 4 and refreshes every 8
+    steps: statistics (running average, decay 0.5) at steps 0, 1, 2, 4, 8,
+    refreshes at 0, 1, 2, 8. Every step's update is checked against the
+    factored-damped solve with the factors of the last refresh, built from
+    analytic a, g at the weights each step saw."""
+    model, x, y = dense_problem(n=5)
+    lr, damping, decay = 0.2, 0.05, 0.5
+    opt = plain_kfac(
+        lr,
+        damping,
+        stats_decay=decay,
+        stats_every=4,
+        inverse_every=8,
+        curvature_warmup=3,
+        damping_adaptation_interval=0,
+    )
+    model.compile(
+        optimizer=opt,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        **compile_kw(mode),
+    )
+    averaged, inverted = None, None
+    for step in range(10):
+        fresh = [(a.T @ a / len(x), g.T @ g / len(x)) for a, g in dense_factors(model, x, y)]
+        if step < 3 or step % 4 == 0:
+            averaged = (
+                fresh
+                if averaged is None
+                else [
+                    tuple(decay * old + (1 - decay) * new for old, new in zip(o, f))
+                    for o, f in zip(averaged, fresh)
+                ]
+            )
+        if step < 3 or step % 8 == 0:
+            inverted = averaged
+        grads = [
+            per_example_param_grads(model, layer, x, y).numpy().mean(0) for layer in model.layers
+        ]
+        before = [flat_params(layer) for layer in model.layers]
+        model.train_on_batch(x, y)
+        for layer, (A, G), grad, theta0 in zip(model.layers, inverted, grads, before):
+            expected = -lr * np.linalg.solve(damped_reference(A, G, damping, "factored"), grad)
+            np.testing.assert_allclose(
+                flat_params(layer) - theta0, expected, rtol=2e-3, atol=1e-6, err_msg=f"step {step}"
+            )
+    assert int(opt._stats_updates) == 5
+
+
 def test_dense_kfac_is_exact_for_one_example():
     """With n = 1, kron(A, G) is the exact Fisher block u u^T of a Dense layer."""
     model, x, y = dense_problem(n=1)

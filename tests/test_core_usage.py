@@ -366,6 +366,10 @@ def test_model_with_no_supported_layer_warns_and_trains():
         ({"stats_decay": 1.0}, r"stats_decay must be in \[0, 1\)"),
         ({"stats_every": 0}, "stats_every must be an integer >= 1"),
         ({"inverse_every": 0}, "inverse_every must be an integer >= 1"),
+        ({"curvature_warmup": -1}, "curvature_warmup must be an integer >= 0"),
+        ({"curvature_warmup": 2.5}, "curvature_warmup must be an integer >= 0"),
+        ({"curvature_warmup": True}, "curvature_warmup must be an integer >= 0"),
+        ({"curvature_warmup": "10"}, "curvature_warmup must be an integer >= 0"),
         ({"momentum": 1.0}, "momentum must be in"),
         ({"kl_clip": 0.0}, "kl_clip must be positive"),
     ],
@@ -402,6 +406,8 @@ def test_other_backend_is_a_clear_error():
         (1000, {}, (5, 10)),
         (1000, {"inverse_every": 3}, (5, 3)),
         (1000, {"stats_every": 4, "inverse_every": 8}, (4, 8)),
+        (16, {"curvature_warmup": 3}, (10, 20)),
+        (1000, {"stats_every": 4, "inverse_every": 8, "curvature_warmup": 2}, (4, 8)),
     ],
 )
 def test_cadence_follows_the_first_batch(batch, options, cadence):
@@ -415,9 +421,28 @@ def test_cadence_follows_the_first_batch(batch, options, cadence):
     model.fit(x, y, batch_size=batch, epochs=5, verbose=0, shuffle=False)  # steps 0..14
     assert opt.cadence == cadence
     stats_every, _ = cadence
-    assert int(opt._stats_updates) == len(range(0, 15, stats_every))
-    clone = keras_kfac.KFAC.from_config(opt.get_config())
-    assert (clone.stats_every, clone.inverse_every) == (
-        options.get("stats_every"),
-        options.get("inverse_every"),
+    warmup = options.get("curvature_warmup", 0)
+    assert int(opt._stats_updates) == len(
+        [i for i in range(15) if i < warmup or i % stats_every == 0]
     )
+    clone = keras_kfac.KFAC.from_config(opt.get_config())
+    for name in ("stats_every", "inverse_every"):
+        assert getattr(clone, name) == options.get(name)
+    assert clone.curvature_warmup == warmup
+
+
+def test_warmup_continues_after_save_and_load(tmp_path):
+    # Saved at step 3 of a 6-step warm-up: the loaded optimizer updates its
+    # statistics on steps 3, 4, 5, then at the cadence (10: step 10).
+    x, y = classification_data(n=16 * 11)
+    model = mlp()
+    model.compile(optimizer=keras_kfac.KFAC(curvature_warmup=6), loss=SCCE)
+    model.fit(x[:48], y[:48], batch_size=16, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    resumed = keras.models.load_model(path)
+    assert resumed.optimizer.curvature_warmup == 6
+    assert int(resumed.optimizer._stats_updates) == 3
+    resumed.fit(x[48:], y[48:], batch_size=16, verbose=0)
+    assert int(resumed.optimizer.iterations) == 11
+    assert int(resumed.optimizer._stats_updates) == 7
