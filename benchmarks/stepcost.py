@@ -3,6 +3,7 @@
 
     python benchmarks/stepcost.py                     # mlp and ae_relu, ~15 min on 2 busy cores
     python benchmarks/stepcost.py --tasks mlp --steps 400
+    python benchmarks/stepcost.py --tasks convnet128,convnet512,mlp --set components
     python benchmarks/stepcost.py --quick             # smoke mode
 
 Every configuration of a task trains its own copy of the same initial
@@ -46,6 +47,15 @@ CONFIG_SETS = {
         "kfac": {},
         "kfac fixed damping": {"damping_adaptation_interval": 0},
     },
+    # What each optional piece of the step costs on a plain step: the rho
+    # machinery (weight snapshot, tf.cond), the KL clip's inner products, the
+    # momentum variables.
+    "components": {
+        "kfac": {},
+        "kfac fixed damping": {"damping_adaptation_interval": 0},
+        "kfac no KL clip": {"kl_clip": None},
+        "kfac no momentum": {"momentum": 0.0},
+    },
     "trajectory": {
         "kfac": {},
         "kfac stats 5 / inverse 5": {"stats_every": 5, "inverse_every": 5},
@@ -59,8 +69,8 @@ CONFIG_SETS = {
         "kfac stats 20 / inverse 40": {"stats_every": 20, "inverse_every": 40},
     },
 }
-BASELINE_LR = {"mlp": 1e-3, "ae_relu": 3e-3}
-DEFAULT_STEPS = {"mlp": 600, "ae_relu": 120}
+BASELINE_LR = {"mlp": 1e-3, "ae_relu": 3e-3, "convnet128": 3e-3, "convnet512": 3e-3}
+DEFAULT_STEPS = {"mlp": 600, "ae_relu": 120, "convnet128": 300, "convnet512": 120}
 
 
 def kind(step, config, cadence):
@@ -230,6 +240,9 @@ def main(argv=None):
     parser.add_argument("--curve", action="store_true", help="evaluate after every round (seed 0)")
     parser.add_argument("--quick", action="store_true", help="smoke mode: few steps")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument(
+        "--tag", default="", help="suffix of the result files (e.g. before/after a change)"
+    )
     args = parser.parse_args(argv)
     names = [n for n in args.tasks.split(",") if n]
     unknown = [n for n in names if n not in BASELINE_LR]
@@ -239,7 +252,12 @@ def main(argv=None):
     command = "python benchmarks/stepcost.py " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
-    stem = os.path.join(RESULTS, f"stepcost_{args.set}" + ("_quick" if args.quick else ""))
+    stem = os.path.join(
+        RESULTS,
+        f"stepcost_{args.set}"
+        + (f"_{args.tag}" if args.tag else "")
+        + ("_quick" if args.quick else ""),
+    )
     os.makedirs(RESULTS, exist_ok=True)
     with open(stem + ".json", "w") as f:
         json.dump({"machine": machine(), "tasks": results}, f, indent=1, default=float)
