@@ -30,7 +30,7 @@ import tensorflow as tf
 from keras_kfac import compat, exact, quadratic
 from keras_kfac.curvature import factors as factor_math
 from keras_kfac.estimator import MAX_DENSE_PARAMETERS
-from keras_kfac.graph_util import run_if, untracked_variable
+from keras_kfac.graph_util import run_if, scoped, untracked_variable
 from keras_kfac.layers import base as layer_blocks
 
 #: Names of the optimizer-level scalars in :meth:`StepMonitor.values`.
@@ -161,6 +161,7 @@ class StepMonitor:
         """Whether the traced features may re-evaluate the batch loss."""
         return self.rho_enabled or self.diagnostics_enabled
 
+    @scoped("kfac_monitor_begin")
     def begin(self, grads, variables, record, objective, restorable=lambda variable: False):
         """Start of a (finite) step, before the update. ``objective``: the
         step's :class:`keras_kfac.quadratic.BatchObjective` (None when the
@@ -211,6 +212,7 @@ class StepMonitor:
         if self._step is not None:
             self._step.update(model_reduction=result.model_reduction, loss_before=result.loss)
 
+    @scoped("kfac_monitor_end")
     def end(self, grads, value_before=None):
         """After the update: ``rho`` and diagnostics. ``value_before(variable)``:
         the value a ``restorable`` variable (see :meth:`begin`) had before the
