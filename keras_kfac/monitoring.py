@@ -189,10 +189,9 @@ class StepMonitor:
         self._step["rho_now"] = rho_now
         self._step["diag_now"] = diag_now
         if self.rho_enabled or self.diagnostics_enabled:
-            # A copy of every weight on every step (for the few steps that
-            # use it) cost 0.9-1.4 ms of a 12 ms MLP step
-            # (benchmarks/results/stepcost_small.md): only the variables
-            # the optimizer cannot restore are copied.
+            # Only the variables the optimizer cannot restore are copied: a
+            # copy of every weight on every step served only rho's and the
+            # logging steps, and made every weight update copy-on-write.
             self._step["snapshot"] = {
                 i: tf.identity(v.value)
                 for i, v in enumerate(opt.estimator.model().trainable_variables)
