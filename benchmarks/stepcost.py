@@ -3,6 +3,7 @@
 
     python benchmarks/stepcost.py                     # mlp and ae_relu, ~15 min on 2 busy cores
     python benchmarks/stepcost.py --tasks mlp --steps 400
+    python benchmarks/stepcost.py --tasks convnet128,convnet512,mlp --set components
     python benchmarks/stepcost.py --quick             # smoke mode
 
 Every configuration of a task trains its own copy of the same initial
@@ -24,18 +25,24 @@ and ``.json``.
 """
 
 import argparse
+import collections
+import glob
 import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import keras
 import numpy as np
+import tensorflow as tf
 from harness import RESULTS, machine
 from panel import ADAMW_WEIGHT_DECAY, TASKS
+from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
 import keras_kfac
+from keras_kfac.graph_util import PROFILE_SCOPES
 
 RHO_EVERY = 5  # KFAC's default damping_adaptation_interval
 
@@ -45,6 +52,21 @@ CONFIG_SETS = {
     "breakdown": {
         "kfac": {},
         "kfac fixed damping": {"damping_adaptation_interval": 0},
+    },
+    # What each optional piece of the step costs on a plain step: the rho
+    # machinery (weight snapshot, tf.cond), the momentum variables. (Without
+    # the KL clip the default learning rate diverges, and skipped steps are
+    # not steps; --profile times the clip's ops.)
+    "components": {
+        "kfac": {},
+        "kfac fixed damping": {"damping_adaptation_interval": 0},
+        "kfac no momentum": {"momentum": 0.0},
+    },
+    # A/B of the StepMonitor's weight copy, in one process: "copy_weights"
+    # runs CopyEveryWeight (every weight copied on every step, as before).
+    "snapshot": {
+        "kfac": {},
+        "kfac copying every weight every step (before)": {"copy_weights": True},
     },
     "trajectory": {
         "kfac": {},
@@ -59,8 +81,22 @@ CONFIG_SETS = {
         "kfac stats 20 / inverse 40": {"stats_every": 20, "inverse_every": 40},
     },
 }
-BASELINE_LR = {"mlp": 1e-3, "ae_relu": 3e-3}
-DEFAULT_STEPS = {"mlp": 600, "ae_relu": 120}
+BASELINE_LR = {"mlp": 1e-3, "ae_relu": 3e-3, "convnet128": 3e-3, "convnet512": 3e-3}
+DEFAULT_STEPS = {"mlp": 600, "ae_relu": 120, "convnet128": 300, "convnet512": 120}
+
+
+class CopyEveryWeight(keras_kfac.KFAC):
+    """``KFAC`` whose StepMonitor copies every weight on every step (what it
+    did before the optimizer restored the step's start on rho steps)."""
+
+    def _restorable(self, variable):
+        return False
+
+
+def make_kfac(config):
+    config = dict(config)
+    cls = CopyEveryWeight if config.pop("copy_weights", False) else keras_kfac.KFAC
+    return cls(**config)
 
 
 def kind(step, config, cadence):
@@ -115,7 +151,7 @@ def run_task(name, args):
     }
     configs = CONFIG_SETS[args.set] if not args.quick else {"kfac": {}}
     for label, config in configs.items():
-        makers[label] = (lambda config=config: keras_kfac.KFAC(**config), config)
+        makers[label] = (lambda config=config: make_kfac(config), config)
     times = {label: [] for label in makers}
     cadences = {}
     finals = {label: [] for label in makers}
@@ -169,6 +205,102 @@ def run_task(name, args):
         "load": [min(loads), max(loads)],
         "runs": results,
     }
+
+
+def op_times(logdir):
+    """``{(scope, op type): ms}`` summed over the executor threads' op
+    events of a ``tf.profiler`` trace."""
+    (path,) = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+    space = xplane_pb2.XSpace()
+    with open(path, "rb") as f:
+        space.ParseFromString(f.read())
+    times = collections.Counter()
+    for plane in space.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_Compute"):
+                continue
+            for event in line.events:
+                name = plane.event_metadata[event.metadata_id].name
+                if ":" not in name or name.startswith(("Threadpool", "ExecutorState")):
+                    continue
+                scope, op = name.rsplit(":", 1)
+                times[scope, op] += event.duration_ps / 1e9
+    return times
+
+
+def part(scope, optimizer_name):
+    """The part of the step an op belongs to: the first
+    ``keras_kfac.graph_util.PROFILE_SCOPES`` name in its scope, the model's
+    own forward and backward pass outside the optimizer, or the rest of the
+    optimizer (Keras's variable updates, KL clip, momentum, checks)."""
+    for name in scope.split("/"):
+        if name in PROFILE_SCOPES:
+            return name
+    if not scope.startswith(optimizer_name + "/"):
+        return "model forward and backward"
+    return "kfac other (update, KL clip, momentum, checks)"
+
+
+def profile_task(name, args):
+    """Op time per part of the step over ``--steps`` KFAC() steps (after
+    the first few), from a ``tf.profiler`` trace. Op times are thread times
+    (two ops may run at once on two cores): compare shares, not walls."""
+    task = TASKS[name]
+    build, (x, y), _ = task.make(args)
+    steps = args.steps or 40
+    batch = task.batch if not args.quick else min(task.batch, 250)
+    model = build(0)
+    model.compile(optimizer=keras_kfac.KFAC(), **build.compile_kwargs)
+    rows = np.arange(batch) % len(x)
+    for _ in range(4):
+        model.train_on_batch(x[rows], y[rows])
+    logdir = tempfile.mkdtemp(prefix="stepcost_profile_")
+    load = os.getloadavg()[0]
+    tf.profiler.experimental.start(logdir)
+    for _ in range(steps):
+        model.train_on_batch(x[rows], y[rows])
+    tf.profiler.experimental.stop()
+    times = op_times(logdir)
+    parts = collections.Counter()
+    ops = collections.Counter()
+    for (scope, op), ms in times.items():
+        p = part(scope, model.optimizer.name)
+        parts[p] += ms / steps
+        ops[p, op] += ms / steps
+    return {
+        "title": task.title,
+        "batch": batch,
+        "steps": steps,
+        "load": [load, os.getloadavg()[0]],
+        "cadence": model.optimizer.cadence,
+        "parts": dict(parts.most_common()),
+        "ops": [[p, op, ms] for (p, op), ms in ops.most_common(15)],
+    }
+
+
+def profile_markdown(results, command):
+    lines = [
+        "### Op time per part of a KFAC() step (issue 14)",
+        "",
+        f"`{command}` on {machine()}. `tf.profiler` trace of consecutive `train_on_batch` "
+        "steps (after 4), op time summed over the executor threads per step, by the name "
+        "scope of the step's part (`keras_kfac.graph_util.PROFILE_SCOPES`). Thread time: two "
+        "ops may run at once, so shares compare, walls do not.",
+    ]
+    for name, r in results.items():
+        total = sum(r["parts"].values())
+        lines += [
+            "",
+            f"#### {name}: {r['title']}, batch {r['batch']}, {r['steps']} steps, cadence "
+            f"{r['cadence']}, load {r['load'][0]:.1f}-{r['load'][1]:.1f}",
+            "",
+            "| part | op ms per step | share |",
+            "|---|---:|---:|",
+        ]
+        lines += [f"| {p} | {ms:.2f} | {ms / total:.0%} |" for p, ms in r["parts"].items()]
+        lines += ["", "| part | op type | op ms per step |", "|---|---|---:|"]
+        lines += [f"| {p} | {op} | {ms:.2f} |" for p, op, ms in r["ops"]]
+    return "\n".join(lines) + "\n"
 
 
 def markdown(results, command):
@@ -230,20 +362,35 @@ def main(argv=None):
     parser.add_argument("--curve", action="store_true", help="evaluate after every round (seed 0)")
     parser.add_argument("--quick", action="store_true", help="smoke mode: few steps")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument(
+        "--profile", action="store_true", help="op time per part of the step (tf.profiler)"
+    )
+    parser.add_argument(
+        "--tag", default="", help="suffix of the result files (e.g. before/after a change)"
+    )
     args = parser.parse_args(argv)
     names = [n for n in args.tasks.split(",") if n]
     unknown = [n for n in names if n not in BASELINE_LR]
     if unknown:
         sys.exit(f"unknown task(s) {unknown}; stepcost knows {sorted(BASELINE_LR)}")
-    results = {name: run_task(name, args) for name in names}
     command = "python benchmarks/stepcost.py " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
-    stem = os.path.join(RESULTS, f"stepcost_{args.set}" + ("_quick" if args.quick else ""))
+    if args.profile:
+        results = {name: profile_task(name, args) for name in names}
+        md = profile_markdown(results, command.strip())
+    else:
+        results = {name: run_task(name, args) for name in names}
+        md = markdown(results, command.strip())
+    stem = os.path.join(
+        RESULTS,
+        ("stepcost_profile" if args.profile else f"stepcost_{args.set}")
+        + (f"_{args.tag}" if args.tag else "")
+        + ("_quick" if args.quick else ""),
+    )
     os.makedirs(RESULTS, exist_ok=True)
     with open(stem + ".json", "w") as f:
         json.dump({"machine": machine(), "tasks": results}, f, indent=1, default=float)
-    md = markdown(results, command.strip())
     with open(stem + ".md", "w") as f:
         f.write(md)
     print(md)

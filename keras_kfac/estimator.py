@@ -28,6 +28,7 @@ from keras_kfac import curvature as curvature_lib
 from keras_kfac.capture import Capture, candidate_layers
 from keras_kfac.curvature import factors as F
 from keras_kfac.curvature.base import Curvature, LayerBatch
+from keras_kfac.graph_util import scoped
 from keras_kfac.layers import LayerBlock, blocks_for_layer, unsupported_reason
 from keras_kfac.layers.base import BLOCK_OPTIONS, matrix_inner, scale_matrix
 from keras_kfac.losses import SampledLoss, UnsupportedLossError
@@ -215,6 +216,7 @@ class CurvatureEstimator:
         keys = {key(v) for v in variables}
         return [all(key(w) in keys for w in block.variables) for block in self.blocks]
 
+    @scoped("kfac_statistics")
     def batches(
         self, record, seed=None, loss_scale=None, replicas=None, present=None
     ) -> list[Optional[LayerBatch]]:
@@ -245,6 +247,7 @@ class CurvatureEstimator:
         return tf.reduce_max(tf.stack(sizes)) if sizes else tf.constant(0)
 
     @staticmethod
+    @scoped("kfac_statistics")
     def statistics_finite(batches) -> tf.Tensor:
         """True when every block's ``a`` and ``g`` have a finite sum of
         squares: no NaN/Inf, and no factor entry can overflow float32 (each is
@@ -257,14 +260,17 @@ class CurvatureEstimator:
         ]
         return tf.reduce_all(checks) if checks else tf.constant(True)
 
+    @scoped("kfac_statistics")
     def update_statistics(self, batches, decay) -> None:
         for curvature, batch in zip(self.curvatures, batches):
             if batch is not None:
                 curvature.update_statistics(batch, decay)
 
+    @scoped("kfac_refresh")
     def refresh(self, damping, replicas=None) -> None:
         distributed.refresh(replicas, self.curvatures, damping)
 
+    @scoped("kfac_layout")
     def block_gradients(self, grads, variables, key) -> list[tf.Tensor]:
         """Each block's gradient as its matrix ``V`` (``(a_dim, g_dim)``)."""
         position = {key(v): i for i, v in enumerate(variables)}
@@ -275,6 +281,7 @@ class CurvatureEstimator:
             for block in self.blocks
         ]
 
+    @scoped("kfac_precondition")
     def precondition(self, matrices, damping, batches=None) -> list[tf.Tensor]:
         """``P(V)`` per block. A block whose ``P`` is a Kronecker product of
         inverses gets it from ``V``'s factors when the batch is small
@@ -305,6 +312,7 @@ class CurvatureEstimator:
     def scaled(scale, matrices) -> list:
         return [scale_matrix(scale, m) for m in matrices]
 
+    @scoped("kfac_layout")
     def to_variables(self, matrices, variables, key, into) -> list:
         """Write each block matrix back as its variables' tensors into the
         list ``into`` (aligned with ``variables``); returns ``into``."""

@@ -1,6 +1,36 @@
 """Small helpers for code that runs inside the compiled train step."""
 
+import functools
+
 import tensorflow as tf
+
+#: Name scope of each part of the step (``benchmarks/stepcost.py --profile``
+#: attributes op time by them).
+PROFILE_SCOPES = (
+    "kfac_statistics",
+    "kfac_refresh",
+    "kfac_precondition",
+    "kfac_layout",
+    "kfac_monitor_begin",
+    "kfac_monitor_end",
+)
+
+
+def scoped(name):
+    """Trace the decorated function's ops under ``tf.name_scope(name)`` (one
+    of :data:`PROFILE_SCOPES`), so that a profile of the step names them."""
+    if name not in PROFILE_SCOPES:
+        raise ValueError(f"Unknown profile scope {name!r}; add it to PROFILE_SCOPES.")
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            with tf.name_scope(name):
+                return fn(*args, **kwargs)
+
+        return inner
+
+    return wrap
 
 
 def run_if(pred, fn):

@@ -30,7 +30,7 @@ import tensorflow as tf
 from keras_kfac import compat, exact, quadratic
 from keras_kfac.curvature import factors as factor_math
 from keras_kfac.estimator import MAX_DENSE_PARAMETERS
-from keras_kfac.graph_util import run_if, untracked_variable
+from keras_kfac.graph_util import run_if, scoped, untracked_variable
 from keras_kfac.layers import base as layer_blocks
 
 #: Names of the optimizer-level scalars in :meth:`StepMonitor.values`.
@@ -161,11 +161,14 @@ class StepMonitor:
         """Whether the traced features may re-evaluate the batch loss."""
         return self.rho_enabled or self.diagnostics_enabled
 
-    def begin(self, grads, variables, record, objective):
-        """Start of a (finite) step, before the update: snapshot the
-        parameters when ``rho`` or diagnostics are traced. ``objective``: the
+    @scoped("kfac_monitor_begin")
+    def begin(self, grads, variables, record, objective, restorable=lambda variable: False):
+        """Start of a (finite) step, before the update. ``objective``: the
         step's :class:`keras_kfac.quadratic.BatchObjective` (None when the
-        step did not call ``model.compute_loss``)."""
+        step did not call ``model.compute_loss``). ``restorable(variable)``:
+        whether the optimizer can give back, after the update, the value a
+        model variable had before it (:meth:`end`'s ``value_before``); the
+        others are copied here when ``rho`` or diagnostics are traced."""
         opt = self._optimizer_ref
         self.traced_features = self.features()
         # The damping of this step, read now (a variable's value is read
@@ -186,8 +189,14 @@ class StepMonitor:
         self._step["rho_now"] = rho_now
         self._step["diag_now"] = diag_now
         if self.rho_enabled or self.diagnostics_enabled:
-            model = opt.estimator.model()
-            self._step["old"] = [tf.identity(v.value) for v in model.trainable_variables]
+            # Only the variables the optimizer cannot restore are copied: a
+            # copy of every weight on every step served only rho's and the
+            # logging steps, and made every weight update copy-on-write.
+            self._step["snapshot"] = {
+                i: tf.identity(v.value)
+                for i, v in enumerate(opt.estimator.model().trainable_variables)
+                if not restorable(v)
+            }
 
     def note_preconditioning(self, matrices, preconditioned, scale):
         """Record ``V`` and ``P(V)`` per block and the KL-clip scale nu."""
@@ -202,8 +211,11 @@ class StepMonitor:
         if self._step is not None:
             self._step.update(model_reduction=result.model_reduction, loss_before=result.loss)
 
-    def end(self, grads):
-        """After the update: ``rho`` and diagnostics. Returns ``(rho,
+    @scoped("kfac_monitor_end")
+    def end(self, grads, value_before=None):
+        """After the update: ``rho`` and diagnostics. ``value_before(variable)``:
+        the value a ``restorable`` variable (see :meth:`begin`) had before the
+        update, called only on the steps that use it. Returns ``(rho,
         rho_now)``: this step's ``rho`` (NaN when not computed) and whether
         this is one of :meth:`track_rho`'s steps, or None when ``rho`` is
         not traced."""
@@ -215,14 +227,19 @@ class StepMonitor:
         opt = self._optimizer_ref
         model_vars = opt.estimator.model().trainable_variables
         new = [v.value for v in model_vars]
+        snapshot = step["snapshot"]
 
-        def update():
-            # Formed inside the branches that use it: outside, the
-            # subtraction ran on every step (with the snapshot, 1.3 ms of a
-            # 12 ms MLP step).
+        def start():
+            # The parameters the step started from, formed inside the
+            # branches that use them.
             return [
-                tf.cast(n, tf.float32) - tf.cast(o, tf.float32) for n, o in zip(new, step["old"])
+                snapshot[i] if i in snapshot else value_before(v) for i, v in enumerate(model_vars)
             ]
+
+        def update(old):
+            return [tf.cast(n, tf.float32) - tf.cast(o, tf.float32) for n, o in zip(new, old)]
+
+        step["update"] = update
 
         def compute_rho():
             # Actual and predicted reductions of one objective: the
@@ -237,9 +254,8 @@ class StepMonitor:
             if exact_reuse:
                 predicted, before = step["model_reduction"], step["loss_before"]
             else:
-                predicted, before = quadratic.model_reduction(
-                    objective, step["old"], update(), damping
-                )
+                old = start()
+                predicted, before = quadratic.model_reduction(objective, old, update(old), damping)
             after = objective.loss(new)
             rho = quadratic.reduction_ratio(after - before, predicted)
             self.scalars["rho"].assign(rho)
@@ -252,7 +268,7 @@ class StepMonitor:
         if self.rho_enabled and not has_loss and self.rho_optional:
             self._warn_no_loss_once()
             if self.diagnostics_enabled:
-                run_if(step["diag_now"], lambda: self._diagnostics(grads, update(), damping))
+                run_if(step["diag_now"], lambda: self._diagnostics(grads, start(), damping))
             self._step = None
             return tf.constant(float("nan")), tf.constant(False)
         when = step["rho_now"] if self.rho_enabled else tf.constant(False)
@@ -262,7 +278,7 @@ class StepMonitor:
         if self.rho_enabled or has_loss:
             rho = tf.cond(when, compute_rho, lambda: tf.constant(float("nan")))
         if self.diagnostics_enabled:
-            run_if(step["diag_now"], lambda: self._diagnostics(grads, update(), damping))
+            run_if(step["diag_now"], lambda: self._diagnostics(grads, start(), damping))
         self._step = None
         return (rho, step["rho_now"]) if self.rho_enabled else None
 
@@ -278,9 +294,10 @@ class StepMonitor:
             stacklevel=3,
         )
 
-    def _diagnostics(self, grads, delta, damping):
+    def _diagnostics(self, grads, old, damping):
         opt = self._optimizer_ref
         step = self._step
+        delta = step["update"](old)
         s = self.scalars
         s["damping"].assign(tf.cast(damping, tf.float32))
         s["kl_clip_scale"].assign(tf.cast(step.get("nu", 1.0), tf.float32))
@@ -312,10 +329,10 @@ class StepMonitor:
                 entry[f"{name}_max_eigenvalue"].assign(evals[-1])
                 entry[f"{name}_condition_number"].assign((evals[-1] + d) / (evals[0] + d))
         if self.fidelity_layers:
-            self._fidelity()
+            self._fidelity(old)
         self.diagnostics_step.assign(opt.iterations + 1)
 
-    def _fidelity(self):
+    def _fidelity(self, start):
         """Relative Frobenius error of each named block's approximation
         (``curvature_matrix``) against the exact GGN block of this batch
         (:func:`keras_kfac.exact.step_ggn_block`; the Fisher for the
@@ -323,7 +340,6 @@ class StepMonitor:
         the step started from."""
         opt = self._optimizer_ref
         objective = quadratic.require(self._step["objective"])
-        start = self._step["old"]
         estimator = opt.estimator
         for name in self.fidelity_layers:
             i = estimator.block_index(name)

@@ -550,7 +550,7 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
                     self.quadratic_model_batch_size,
                     forward_mode=not self._monitor.forward_mode_blockers,
                 )
-            self._monitor.begin(grads, variables, record, objective)
+            self._monitor.begin(grads, variables, record, objective, self._restorable)
             directions, ok, momentum_curvature = self._natural_directions(
                 grads, variables, learning_rate, objective
             )
@@ -570,7 +570,19 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
                 if fallback:
                     # The fallback all-reduces its own (local) gradients.
                     self._fallback.apply([g for g, _ in fallback], [v for _, v in fallback])
-                rho = self._monitor.end(grads)
+                updated = {
+                    self._key(v): d
+                    for d, v, c in zip(directions, variables, covered)
+                    if c and d is not None
+                }
+
+                def value_before(variable):
+                    d = updated.get(self._key(variable))
+                    if d is None:  # not updated by this step
+                        return tf.convert_to_tensor(variable)
+                    return self._value_before_update(variable, d, learning_rate)
+
+                rho = self._monitor.end(grads, value_before)
                 if rho is not None and self.damping_is_adaptive:
                     self._damping.assign(
                         self._levenberg_marquardt.next_damping(self._damping.value, *rho)
@@ -766,12 +778,36 @@ class KFAC(compat.OptimizerHooks, keras.optimizers.Optimizer):
             return tf.cast(wrapper.dynamic_scale, tf.float32)
         return None
 
+    def _decayed(self, variable):
+        return self.weight_decay is not None and self.decays(variable)
+
+    def _restorable(self, variable):
+        """Whether :meth:`_value_before_update` can give back ``variable``'s
+        value from before this step's update (the StepMonitor then copies
+        it on no step): a block variable without weight decay."""
+        return self._estimator.covers(self._key(variable)) and not self._decayed(variable)
+
+    def _value_before_update(self, variable, gradient, learning_rate):
+        """The value a restorable variable had before :meth:`update_step`
+        applied ``gradient``, from the value and the state that step wrote
+        (``new = old - u`` with ``u`` the update it subtracted, computed
+        again with the same float operations, so ``new + u`` is ``old`` to
+        the last bit of ``old``'s magnitude)."""
+        new = tf.convert_to_tensor(variable)
+        index = self.variable_index(variable)
+        if index in self._previous_updates:  # adaptive_step: the whole update
+            return new + tf.cast(gradient, variable.dtype)
+        lr = tf.cast(learning_rate, variable.dtype)
+        if index in self._momentums:
+            return new + lr * tf.convert_to_tensor(self._momentums[index])
+        return new + lr * tf.cast(gradient, variable.dtype)
+
     def update_step(self, gradient, variable, learning_rate):
         """One block variable's update, given its natural direction."""
         lr = tf.cast(learning_rate, variable.dtype)
         gradient = tf.cast(gradient, variable.dtype)
         index = self.variable_index(variable)
-        if self.weight_decay is not None and self.decays(variable):
+        if self._decayed(variable):
             self.assign_sub(variable, variable * tf.cast(self.weight_decay, variable.dtype) * lr)
         if index in self._previous_updates:
             # adaptive_step: `gradient` is minus the whole update (sec. 7).

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from keras_kfac.graph_util import PROFILE_SCOPES
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -185,6 +187,32 @@ def test_stepcost_quick_mode(tmp_path):
     assert [step for step, _ in kfac["curve"]] == [6, 12]
     assert task["runs"]["adamw lr=0.001"]["ratio"] == 1.0
     assert (tmp_path / "stepcost_breakdown_quick.md").stat().st_size > 0
+
+
+@pytest.mark.slow  # one KFAC compilation under the profiler
+def test_stepcost_profile_quick_mode(tmp_path):
+    env = dict(os.environ, KERAS_KFAC_RESULTS=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "stepcost.py"), "--quick"]
+    result = subprocess.run(
+        command + ["--profile", "--tasks", "mlp", "--steps", "12"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    task = json.loads((tmp_path / "stepcost_profile_quick.json").read_text())["tasks"]["mlp"]
+    parts = task["parts"]
+    # Steps 4-15: every step preconditions, step 10 updates the statistics.
+    for name in ("model forward and backward", "kfac_precondition", "kfac_statistics"):
+        assert parts[name] > 0, parts
+    assert set(parts) <= {
+        "model forward and backward",
+        "kfac other (update, KL clip, momentum, checks)",
+        *PROFILE_SCOPES,
+    }
+    assert (tmp_path / "stepcost_profile_quick.md").stat().st_size > 0
 
 
 @pytest.mark.slow

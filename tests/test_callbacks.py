@@ -15,6 +15,7 @@ import tensorflow as tf  # noqa: E402
 import keras_kfac  # noqa: E402
 from keras_kfac.callbacks import CurvatureMonitor, DampingScheduler  # noqa: E402
 from reference import pi_correction, rel  # noqa: E402
+from test_fallback import Scale  # noqa: E402
 
 
 def read_events(directory):
@@ -239,6 +240,63 @@ def test_diagnostics_in_a_hand_written_loop():
     )
     assert d["diagnostics_step"] == 1 and d["kl_clip_scale"] == 1.0
     assert np.isnan(d["rho"])  # rho needs model.compute_loss, not called in this loop
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(momentum=0.9, kl_clip=1e-3),
+        dict(momentum=0.0, kl_clip=None),
+        dict(adaptive_step=True),
+        dict(momentum=0.9, weight_decay=0.1),
+    ],
+    ids=["momentum", "plain", "adaptive_step", "weight_decay"],
+)
+def test_the_step_start_is_restored_without_a_weight_copy(options):
+    """The monitor copies only the weights the optimizer cannot restore (the
+    fallback's, and with weight decay the decayed ones); every step's
+    ``update_norm`` (new weights minus the start it restores) matches the
+    change measured outside, on every update path, over several steps."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(16, 4)).astype("float32")
+    y = rng.integers(0, 3, 16)
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(5, activation="tanh", name="hidden"),
+            Scale(name="scale"),
+            keras.layers.Dense(3, name="out"),
+        ]
+    )
+    model.compile(
+        optimizer=keras_kfac.KFAC(learning_rate=0.3, stats_every=1, inverse_every=1, **options),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    opt = model.optimizer
+    with pytest.warns(UserWarning, match="Adam fallback"):
+        opt.build(model.trainable_variables)
+    restorable = {
+        v.path.removeprefix(f"{model.name}/"): opt._restorable(v) for v in model.trainable_variables
+    }
+    decayed = "weight_decay" in options
+    assert restorable == {
+        "hidden/kernel": not decayed,
+        "hidden/bias": not decayed,
+        "scale/scale": False,
+        "out/kernel": not decayed,
+        "out/bias": not decayed,
+    }
+    opt.track_diagnostics(every=1)
+    for _ in range(3):
+        before = [v.numpy() for v in model.trainable_variables]
+        model.train_on_batch(x, y)
+        change = np.concatenate(
+            [(v.numpy() - b).ravel() for v, b in zip(model.trainable_variables, before)]
+        )
+        d = opt.diagnostics()
+        assert np.linalg.norm(change) > 1e-4
+        np.testing.assert_allclose(d["update_norm"], np.linalg.norm(change), rtol=1e-5)
+        assert np.isfinite(float(d["rho"]))
 
 
 def test_monitor_and_adaptive_damping_with_jit_compile_and_steps_per_execution(tmp_path):

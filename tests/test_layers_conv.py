@@ -19,7 +19,7 @@ import keras_kfac
 from keras_kfac import curvature as curvature_lib
 from keras_kfac.fidelity import fitted_curvature
 from keras_kfac.layers import block_class_for_layer, block_for_layer, unsupported_reason
-from keras_kfac.layers.conv import ConvBlock
+from keras_kfac.layers.conv import ConvBlock, extract_patches, flatten_locations
 from reference import (
     factored_damped,
     fisher_block,
@@ -29,6 +29,7 @@ from reference import (
     layer_batch,
     per_example_gradients,
     plain_kfac,
+    reference_patches,
     rel,
 )
 
@@ -375,3 +376,27 @@ def test_grouped_methods_match_brute_force(case):
     got = cgfac.precondition(tf.constant(v, tf.float32), DAMPING, batch).numpy().ravel()
     kfac = block_diag([np.kron(ak, gk) for ak, gk in zip(factors_a, factors_g)])
     assert rel(got, np.linalg.solve(kfac + DAMPING * np.eye(len(f)), v.ravel())) < 1e-3
+
+
+@pytest.mark.parametrize(
+    "kernel, strides, dilation, padding",
+    [
+        ((3, 3), (1, 1), (1, 1), "valid"),
+        ((2, 3), (2, 1), (1, 1), "valid"),
+        ((3, 2), (1, 2), (2, 1), "same"),
+        ((3, 3), (2, 2), (1, 1), "same"),
+        ((1, 1), (1, 1), (1, 1), "valid"),
+    ],
+)
+def test_patches_match_the_loop_reference_with_a_dynamic_batch(kernel, strides, dilation, padding):
+    """extract_patches (strided slices per kernel offset) against the explicit
+    loop, traced with an unknown batch size and, once, unknown spatial sizes."""
+    x = np.random.default_rng(0).normal(size=(3, 8, 7, 2)).astype("float32")
+    expected = reference_patches(x, *kernel, strides, dilation, padding)
+    for spec in ((None, 8, 7, 2), (None, None, None, 2)):
+
+        @tf.function(input_signature=[tf.TensorSpec(spec, tf.float32)])
+        def patches(x):
+            return flatten_locations(extract_patches(x, kernel, strides, dilation, padding))
+
+        np.testing.assert_array_equal(patches(x).numpy(), expected.astype("float32"))

@@ -90,13 +90,26 @@ def extract_patches(x, kernel_size, strides, dilation, padding="valid"):
         )
         return p[:, 0]
     if rank == 2:
-        return tf.image.extract_patches(
-            x,
-            sizes=(1, *kernel_size, 1),
-            strides=(1, *strides, 1),
-            rates=(1, *dilation, 1),
-            padding="VALID",
-        )
+        # One strided slice per kernel offset, stacked: the patches of
+        # tf.image.extract_patches in about half its time on CPU (3x3
+        # kernels, batch 128-512; benchmarks/results/stepcost_small.md).
+        out = [
+            (_size(x, axis) - (k - 1) * d - 1) // s + 1
+            for axis, k, s, d in zip((1, 2), kernel_size, strides, dilation)
+        ]
+        (kh, kw), (sh, sw), (dh, dw) = kernel_size, strides, dilation
+        slices = [
+            x[
+                :,
+                i * dh : i * dh + (out[0] - 1) * sh + 1 : sh,
+                j * dw : j * dw + (out[1] - 1) * sw + 1 : sw,
+            ]
+            for i in range(kh)
+            for j in range(kw)
+        ]
+        channels = x.shape[-1]
+        width = -1 if channels is None else kh * kw * channels
+        return tf.reshape(tf.stack(slices, axis=3), [_size(x, 0), *out, width])
     if rank != 3:
         raise ValueError(f"Convolutions of rank {rank} are not supported (1, 2 or 3).")
     # Depth by strided slices of the per-slice 2-D patches: tf.extract_volume_patches
