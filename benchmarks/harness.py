@@ -112,6 +112,17 @@ def machine():
     return f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, no GPU"
 
 
+def write_tables(stem, tasks, md):
+    """``<stem>.json`` (``{"machine", "tasks"}``) and ``<stem>.md`` of a
+    per-task benchmark; prints the Markdown."""
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump({"machine": machine(), "tasks": tasks}, f, indent=1, default=float)
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    print(md)
+
+
 def write_results(
     name,
     payload,

@@ -23,14 +23,13 @@ and ``.json``.
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
 
 import keras
 import numpy as np
-from harness import RESULTS, machine
+from harness import RESULTS, machine, write_tables
 from panel import ADAMW_WEIGHT_DECAY, TASKS, mlp
 
 import keras_kfac
@@ -277,13 +276,7 @@ def main(argv=None):
     stem = os.path.join(
         RESULTS, (args.output or f"perstep{batch}") + ("_quick" if args.quick else "")
     )
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(stem + ".json", "w") as f:
-        json.dump({"machine": machine(), "tasks": results}, f, indent=1, default=float)
-    md = markdown(results, command.strip())
-    with open(stem + ".md", "w") as f:
-        f.write(md)
-    print(md)
+    write_tables(stem, results, markdown(results, command.strip()))
     return results
 
 

@@ -27,7 +27,6 @@ and ``.json``.
 import argparse
 import collections
 import glob
-import json
 import os
 import statistics
 import sys
@@ -37,7 +36,7 @@ import time
 import keras
 import numpy as np
 import tensorflow as tf
-from harness import RESULTS, machine
+from harness import RESULTS, machine, write_tables
 from panel import ADAMW_WEIGHT_DECAY, TASKS
 from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
@@ -388,12 +387,7 @@ def main(argv=None):
         + (f"_{args.tag}" if args.tag else "")
         + ("_quick" if args.quick else ""),
     )
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(stem + ".json", "w") as f:
-        json.dump({"machine": machine(), "tasks": results}, f, indent=1, default=float)
-    with open(stem + ".md", "w") as f:
-        f.write(md)
-    print(md)
+    write_tables(stem, results, md)
     return results
 
 

@@ -30,7 +30,7 @@ import sys
 import time
 
 import numpy as np
-from harness import RESULTS, machine
+from harness import RESULTS, machine, write_tables
 from panel import TASKS
 
 import keras_kfac
@@ -213,13 +213,7 @@ def main(argv=None):
     results = {name: run_task(name, args) for name in names}
     command = "python benchmarks/warmup.py " + " ".join(argv if argv is not None else sys.argv[1:])
     stem = os.path.join(RESULTS, "warmup" + ("_quick" if args.quick else ""))
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(stem + ".json", "w") as f:
-        json.dump({"machine": machine(), "tasks": results}, f, indent=1, default=float)
-    md = markdown(results, command.strip())
-    with open(stem + ".md", "w") as f:
-        f.write(md)
-    print(md)
+    write_tables(stem, results, markdown(results, command.strip()))
     return results
 
 
